@@ -1,0 +1,262 @@
+"""Development and CI sessions for the DETR-iRPE monorepo.
+
+Run ``nox -l`` for the list. The two commands of the README:
+
+* ``nox -s demo``  — train and evaluate a small DETR-iRPE on the built-in synthetic dataset;
+* ``nox -t ci``    — everything CI runs: lint, wheels (the CUDA wheel's device code is checked),
+  each package's tests, the irpe-ops torch/CUDA matrix, the cross-package tests, docs, the
+  short demo.
+
+Sessions use uv virtual environments. uv links packages out of one shared cache, so the 5.5 GB
+CUDA build of torch is unpacked once per machine instead of once per session (pip takes
+90-110 s and 5.5 GB for each new venv here; uv under a second once cached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "tests", "cross"]
+
+ROOT = Path(__file__).resolve().parent
+PACKAGES = ("irpe-ops", "irpe-nn", "detr-irpe")
+DIST = ROOT / "dist"
+
+# The torch releases irpe-ops supports; the default one is the CUDA 13 build that also runs on CPU.
+TORCH = {
+    "2.14.1": ("torch==2.14.1", "torchvision==0.29.1"),
+    "2.13.0": ("torch==2.13.0",),
+}
+DEFAULT_TORCH = "2.14.1"
+BUILD_TOOLS = ("scikit-build-core>=0.10", "pybind11>=2.12", "build", "cmake>=3.26", "ninja")
+TEST_TOOLS = ("pytest>=8", "numpy")
+
+
+def _configure_uv_from_pip() -> None:
+    """Point uv at the package folders pip is configured with.
+
+    uv does not read pip's configuration; on machines whose pip looks at local wheel folders
+    (as ours do for torch), uv would otherwise download several GB of CUDA wheels instead.
+    Settings already present in the environment win.
+    """
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    settings: dict[str, str] = {}
+    for line in listing.splitlines():
+        key, _, value = line.partition("=")
+        settings[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    extra_index = settings.get("extra-index-url", "")
+    find_links = os.environ.get("PIP_FIND_LINKS") or settings.get("find-links", "")
+    if extra_index:
+        os.environ.setdefault("UV_EXTRA_INDEX_URL", extra_index)
+    if find_links:
+        os.environ.setdefault("UV_FIND_LINKS", find_links)
+    if extra_index or find_links:
+        # torch and its CUDA libraries live in different local folders; pick the best match
+        # across all of them rather than the first index that knows the name.
+        os.environ.setdefault("UV_INDEX_STRATEGY", "unsafe-best-match")
+
+
+_configure_uv_from_pip()
+
+
+def _nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") or shutil.which(str(Path(cuda_home) / "bin" / "nvcc"))
+
+
+def _source_digest(package: str) -> str:
+    """A digest of a package's sources, so that a cached wheel is rebuilt when they change."""
+    digest = hashlib.sha256()
+    base = ROOT / "packages" / package
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if path.is_file() and not {"build", "tests", "__pycache__"} & set(rel.parts):
+            digest.update(str(rel).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ops_wheel(session: nox.Session, torch_version: str, cuda: str) -> Path:
+    """Build the irpe-ops wheel for ``torch_version`` once and reuse it in later sessions.
+
+    ``cuda`` is the ``IRPE_WITH_CUDA`` setting (``ON``, ``OFF`` or ``AUTO``). The wheel is built
+    without build isolation against the torch installed in ``session``, so compiled code and
+    runtime torch always match.
+    """
+    out = DIST / "irpe-ops" / f"torch{torch_version}-cuda{cuda.lower()}"
+    stamp = out / "SOURCES"
+    wheels = sorted(out.glob("irpe_ops-*.whl"))
+    digest = _source_digest("irpe-ops")
+    if wheels and stamp.exists() and stamp.read_text() == digest:
+        session.log(f"reusing {wheels[-1].relative_to(ROOT)}")
+        return wheels[-1]
+    shutil.rmtree(out, ignore_errors=True)
+    session.install(*BUILD_TOOLS)
+    session.run(
+        "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out),
+        str(ROOT / "packages" / "irpe-ops"),
+        env={"IRPE_WITH_CUDA": cuda, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
+    )  # fmt: skip
+    stamp.write_text(digest)
+    return sorted(out.glob("irpe_ops-*.whl"))[-1]
+
+
+def default_cuda_setting() -> str:
+    """CUDA kernels whenever this machine can compile them."""
+    return "ON" if _nvcc() else "OFF"
+
+
+def install_stack(session: nox.Session, *, ops: bool = True, detr: bool = True) -> None:
+    """Install torch, irpe-ops (from its cached wheel), irpe-nn and detr-irpe, plus test tools."""
+    session.install(*TORCH[DEFAULT_TORCH], *TEST_TOOLS)
+    packages: list[str] = []
+    if ops:
+        packages.append(str(ops_wheel(session, DEFAULT_TORCH, default_cuda_setting())))
+    packages.append(str(ROOT / "packages" / "irpe-nn") + ("[plot]" if detr else ""))
+    if detr:
+        packages.append(str(ROOT / "packages" / "detr-irpe"))
+    session.install(*packages)
+
+
+@nox.session(venv_backend="none")
+def dev(session: nox.Session) -> None:
+    """Create .venv at the repository root: all three packages editable plus the tools."""
+    venv = ROOT / ".venv"
+    env = {"VIRTUAL_ENV": str(venv)}
+    if not (venv / "bin" / "python").exists():
+        session.run("uv", "venv", "--python", sys.executable, str(venv), external=True)
+    session.run(
+        "uv", "pip", "install", *TORCH[DEFAULT_TORCH], *BUILD_TOOLS, *TEST_TOOLS,
+        "ruff", "mkdocs", "tensorboard", external=True, env=env,
+    )  # fmt: skip
+    session.run(
+        "uv", "pip", "install", "--no-build-isolation",
+        "-e", str(ROOT / "packages" / "irpe-ops"),
+        "-e", str(ROOT / "packages" / "irpe-nn") + "[plot]",
+        "-e", str(ROOT / "packages" / "detr-irpe"),
+        external=True, env={**env, "IRPE_WITH_CUDA": "AUTO"},
+    )  # fmt: skip
+    session.log(f"activate with: source {venv.relative_to(ROOT)}/bin/activate")
+
+
+@nox.session(tags=["ci"])
+def lint(session: nox.Session) -> None:
+    """ruff check and format check over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(tags=["ci"])
+def wheels(session: nox.Session) -> None:
+    """Build every package's wheel into dist/; prove the irpe-ops wheel carries device code."""
+    session.install(*TORCH[DEFAULT_TORCH], *TEST_TOOLS)
+    cuda = default_cuda_setting()
+    wheel = ops_wheel(session, DEFAULT_TORCH, cuda)
+    for package in ("irpe-nn", "detr-irpe"):
+        session.run(
+            "uv", "build", "--wheel", "--out-dir", str(DIST), str(ROOT / "packages" / package),
+            external=True,
+        )  # fmt: skip
+    if cuda == "ON":
+        archs = os.environ.get("IRPE_CHECK_ARCHS", "80,86,89,90")
+        session.install("nvidia-cuda-cuobjdump")
+        session.run("python", str(ROOT / "ci" / "check_cuda_wheel.py"), str(wheel), "--archs", archs)
+    else:
+        session.warn("nvcc not found: the irpe-ops wheel is CPU-only and its device code is not checked")
+    # The wheels install and import together in a clean environment.
+    session.install(str(wheel), *sorted(str(p) for p in DIST.glob("*.whl")))
+    session.run("python", "-c", "import irpe_ops, irpe_nn, detr_irpe; print(irpe_ops.build_info())")
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests, with the packages it uses installed from wheels."""
+    install_stack(session, ops=True, detr=package == "detr-irpe")
+    tests_dir = ROOT / "packages" / package / "tests"
+    session.run("pytest", str(tests_dir), "-q", *session.posargs)
+
+
+@nox.session(tags=["ci"])
+def nn_without_ops(session: nox.Session) -> None:
+    """irpe-nn installed alone: its tests pass on the pure-PyTorch fallback."""
+    install_stack(session, ops=False, detr=False)
+    session.run(
+        "python", "-c",
+        "import importlib.util, irpe_nn; "
+        "assert importlib.util.find_spec('irpe_ops') is None; "
+        "assert irpe_nn.backend() == 'torch', irpe_nn.backend()",
+    )  # fmt: skip
+    session.run("pytest", str(ROOT / "packages" / "irpe-nn" / "tests"), "-q", *session.posargs)
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize(
+    ("torch_version", "cuda"),
+    [("2.13.0", "OFF"), ("2.14.1", "OFF")],
+    ids=["torch2.13-cpu", "torch2.14-cpu"],
+)
+def ops_matrix(session: nox.Session, torch_version: str, cuda: str) -> None:
+    """irpe-ops built CPU-only against each supported torch (the CUDA build runs in `tests`)."""
+    session.install(*TORCH[torch_version], *TEST_TOOLS)
+    session.install(str(ops_wheel(session, torch_version, cuda)))
+    session.run("python", "-c", "import irpe_ops; assert not irpe_ops.cuda_built()")
+    session.run("pytest", str(ROOT / "packages" / "irpe-ops" / "tests"), "-q", *session.posargs)
+
+
+@nox.session(tags=["ci"])
+def cross(session: nox.Session) -> None:
+    """Cross-package tests (tests/ at the repository root): the packages used together."""
+    install_stack(session, ops=True, detr=True)
+    session.run("pytest", str(ROOT / "tests"), "-q", *session.posargs)
+
+
+@nox.session(tags=["ci"])
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (MkDocs, strict: broken links fail)."""
+    session.install("mkdocs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "docs" / "_build"))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmark in benchmarks/ (CPU by default; pass --device cuda on a GPU machine)."""
+    install_stack(session, ops=True, detr=True)
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: synthetic data, train a small DETR-iRPE on the CPU, evaluate, draw, plot.
+
+    ``nox -s demo -- --quick`` runs the short variant CI uses.
+    """
+    install_stack(session, ops=True, detr=True)
+    session.run("detr-irpe-demo", "--output_dir", str(ROOT / "outputs" / "demo"), *session.posargs)
+
+
+@nox.session(name="demo_quick", tags=["ci"])
+def demo_quick(session: nox.Session) -> None:
+    """The short demo CI runs: the whole pipeline end to end on a few images."""
+    install_stack(session, ops=True, detr=True)
+    session.run("detr-irpe-demo", "--quick", "--output_dir", str(ROOT / "outputs" / "demo-quick"))
