@@ -179,9 +179,13 @@ def wheels(session: nox.Session) -> None:
     if cuda == "ON":
         archs = os.environ.get("IRPE_CHECK_ARCHS", "80,86,89,90")
         session.install("nvidia-cuda-cuobjdump")
-        session.run("python", str(ROOT / "ci" / "check_cuda_wheel.py"), str(wheel), "--archs", archs)
+        session.run(
+            "python", str(ROOT / "ci" / "check_cuda_wheel.py"), str(wheel), "--archs", archs
+        )
     else:
-        session.warn("nvcc not found: the irpe-ops wheel is CPU-only and its device code is not checked")
+        session.warn(
+            "nvcc not found: the irpe-ops wheel is CPU-only and its device code is not checked"
+        )
     # The wheels install and import together in a clean environment.
     session.install(str(wheel), *sorted(str(p) for p in DIST.glob("*.whl")))
     session.run("python", "-c", "import irpe_ops, irpe_nn, detr_irpe; print(irpe_ops.build_info())")

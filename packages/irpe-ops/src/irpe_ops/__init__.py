@@ -1,0 +1,44 @@
+"""irpe_ops: C++/CUDA operators for image relative position encoding (iRPE).
+
+Two operators, registered with ``torch.library`` under the namespace ``irpe_ops`` (so they are
+also reachable as ``torch.ops.irpe_ops.rpe_index`` and ``torch.ops.irpe_ops.bucket_sum``), with
+CPU kernels always, CUDA kernels when the binary was built with them, fake kernels for
+``torch.compile`` and autograd:
+
+* :func:`rpe_index` -- ``out[b, h, i, j] = input[b, h, i, index[i, j]]``;
+* :func:`bucket_sum` -- its adjoint, ``out[b, h, i, k] = sum_j w[b, h, i, j] [index[i, j] == k]``.
+
+Importing this package raises :class:`ImportError` when the compiled extension is missing or was
+built against another torch major.minor.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from irpe_ops._library import load_extension
+
+_C = load_extension()
+
+from irpe_ops.ops import bucket_sum, rpe_index  # noqa: E402 - needs the operators registered
+
+__all__ = ["__version__", "bucket_sum", "build_info", "cuda_built", "rpe_index"]
+
+__version__: str = metadata.version("irpe-ops")
+
+
+def build_info() -> dict[str, Any]:
+    """How the installed binary was built.
+
+    Returns:
+        A dict with ``version`` (of the binary), ``torch_version`` and ``torch_cuda_version`` (the
+        torch it was built against), ``cuda_version`` (the nvcc release, ``None`` without CUDA
+        kernels) and ``cuda_archs`` (e.g. ``["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]``).
+    """
+    return dict(_C.build_info())
+
+
+def cuda_built() -> bool:
+    """``True`` when the installed binary has CUDA kernels (whether or not a GPU is present)."""
+    return _C.build_info()["cuda_version"] is not None

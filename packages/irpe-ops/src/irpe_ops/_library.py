@@ -1,0 +1,80 @@
+"""Loading of the compiled extension ``irpe_ops._C``.
+
+Importing ``_C`` runs the extension's static initialisers, which register the ``irpe_ops``
+operator schemas and their CPU (and, when built, CUDA) kernels with the torch dispatcher.
+
+Failures raise :class:`ImportError` with a message that says what to do, so that callers with a
+fallback (``irpe_nn`` catches ``ImportError``) keep working when the binary does not match.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = ["check_build", "load_extension"]
+
+_log = logging.getLogger(__name__)
+
+_REBUILD_HINT = (
+    "Rebuild it against the running torch: "
+    "`pip install --no-build-isolation --force-reinstall --no-deps irpe-ops` "
+    "(or `uv pip install --no-build-isolation -e packages/irpe-ops` in the monorepo)."
+)
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    """``"2.14.1+cu130"`` -> ``(2, 14)``."""
+    numbers = version.split("+")[0].split(".")[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in numbers)
+
+
+def check_build(info: dict[str, Any], package_version: str | None) -> None:
+    """Raise :class:`ImportError` when the binary was built for another torch or package version.
+
+    Args:
+        info: ``_C.build_info()`` of the loaded binary.
+        package_version: the installed ``irpe-ops`` distribution version (``None`` if unknown).
+    """
+    built = str(info["torch_version"])
+    if _major_minor(built) != _major_minor(torch.__version__):
+        raise ImportError(
+            f"irpe_ops: the compiled extension was built against torch {built}, but torch "
+            f"{torch.__version__} is running; C++ extensions only work with the torch "
+            f"major.minor they were built against. {_REBUILD_HINT}"
+        )
+    if package_version is not None and info["version"] != package_version:
+        raise ImportError(
+            f"irpe_ops: the compiled extension is version {info['version']} but the installed "
+            f"package is {package_version} (a stale build). {_REBUILD_HINT}"
+        )
+
+
+def load_extension() -> ModuleType:
+    """Import ``irpe_ops._C`` (registering the operators) and check that it fits this torch.
+
+    Returns:
+        The extension module, whose ``build_info()`` describes the binary.
+
+    Raises:
+        ImportError: the extension is missing, cannot be loaded (for example undefined symbols
+            from another torch build), or was built for another torch major.minor.
+    """
+    try:
+        from irpe_ops import _C
+    except ImportError as err:
+        raise ImportError(
+            f"irpe_ops: cannot load the compiled extension irpe_ops._C with torch "
+            f"{torch.__version__}: {err}. {_REBUILD_HINT}"
+        ) from err
+    try:
+        package_version: str | None = metadata.version("irpe-ops")
+    except metadata.PackageNotFoundError:
+        package_version = None
+    check_build(_C.build_info(), package_version)
+    _log.debug("irpe_ops: loaded %s (%s)", _C.__file__, _C.build_info())
+    return _C
