@@ -1,0 +1,1 @@
+"""Console scripts of detr-irpe (one module per command; see ``[project.scripts]``)."""
