@@ -32,7 +32,7 @@ def _ids(rpe, height: int, width: int, length: int) -> torch.Tensor:
 def _naive_rpe(rpe, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if isinstance(rpe, irpe_nn.iRPE_Cross):
         return _naive_rpe(rpe.rp_rows, x, height, width) + _naive_rpe(rpe.rp_cols, x, height, width)
-    B, nh, L, _ = x.shape
+    B, _, L, _ = x.shape
     ids = _ids(rpe, height, width, L)
     K = rpe.num_buckets
     if rpe.mode == "bias":

@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [header, "-" * len(header)]
     for r in results:
-        naive = next(
-            (n for n in results if n["impl"] == "naive" and n["spec"] == r["spec"]), None
-        )
+        naive = next((n for n in results if n["impl"] == "naive" and n["spec"] == r["spec"]), None)
         r["x_plain"] = r["median_ms"] / plain["median_ms"] if plain else None
         r["naive_over_this_time"] = naive["median_ms"] / r["median_ms"] if naive else None
         r["this_over_naive_mem"] = r["peak_mb"] / naive["peak_mb"] if naive else None
@@ -184,9 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "shape": {
-            "height": HEIGHT, "width": WIDTH, "batch": BATCH, "embed": EMBED, "heads": HEADS,
-            "dropout": DROPOUT, "repeats": args.repeats}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "shape": {
+                        "height": HEIGHT,
+                        "width": WIDTH,
+                        "batch": BATCH,
+                        "embed": EMBED,
+                        "heads": HEADS,
+                        "dropout": DROPOUT,
+                        "repeats": args.repeats,
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -19,7 +19,7 @@ def coefficients(ratio: float) -> tuple[float, float, float]:
 def g_ref(x: float, alpha: float, beta: float, gamma: float, integer: bool) -> int:
     """Spec §2 for one value (round half to even = Python's round on floats)."""
     if abs(x) <= alpha:
-        return int(x) if integer else int(round(x))
+        return int(x) if integer else round(x)
     t = alpha + math.log(abs(x) / alpha) / math.log(gamma / alpha) * (beta - alpha)
     clipped = min(float(round(t)), beta)
     return int(math.copysign(clipped, x))  # int() truncates toward zero

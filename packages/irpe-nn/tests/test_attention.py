@@ -20,7 +20,9 @@ CASES = [
 ]
 
 
-def make_layer(spec: str, embed_dim=8, num_heads=2, skip=0, seed=0) -> irpe_nn.RPEMultiheadAttention:
+def make_layer(
+    spec: str, embed_dim=8, num_heads=2, skip=0, seed=0
+) -> irpe_nn.RPEMultiheadAttention:
     torch.manual_seed(seed)
     layer = irpe_nn.RPEMultiheadAttention(
         embed_dim, num_heads, dropout=0.1, rpe_config=irpe_nn.parse_rpe_spec(spec, skip=skip)
@@ -68,7 +70,9 @@ def test_skip_tokens_match_reference(backend_name, spec):
     torch.testing.assert_close(weights, ref_weights, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("spec", ["rpe-2.0-product-ctx-0-qkv", "rpe-2.0-euc-bias-1-qk", "rpe-1.9-cross-ctx-0-qkv"])
+@pytest.mark.parametrize(
+    "spec", ["rpe-2.0-product-ctx-0-qkv", "rpe-2.0-euc-bias-1-qk", "rpe-1.9-cross-ctx-0-qkv"]
+)
 def test_gradients_match_reference(backend_name, spec):
     layer = make_layer(spec)
     hw = (3, 4)
@@ -108,7 +112,9 @@ def test_gradcheck(backend_name, spec):
 def test_backends_agree_forward_and_backward(monkeypatch):
     pytest.importorskip("irpe_ops")
     layer = make_layer("rpe-2.0-product-ctx-0-qkv", embed_dim=16, num_heads=4).float()
-    query, value, mask = (t.float() if t.is_floating_point() else t for t in inputs(20, embed_dim=16))
+    query, value, mask = (
+        t.float() if t.is_floating_point() else t for t in inputs(20, embed_dim=16)
+    )
     results = {}
     for name in ("torch", "irpe_ops"):
         monkeypatch.setenv(irpe_nn.BACKEND_ENV, name)
@@ -123,7 +129,7 @@ def test_backends_agree_forward_and_backward(monkeypatch):
 def test_projection_paths_agree(backend_name):
     """Fused and split projections (chosen by identity) give the same result."""
     layer = make_layer("rpe-2.0-product-ctx-1-k")
-    query, value, _ = inputs(12)
+    query, _, _ = inputs(12)
     split = layer(query, query.clone(), query.clone(), hw=(3, 4))[0]
     for key, val in ((query, query), (query, query.clone()), (query.clone(), None)):
         val = key if val is None else val

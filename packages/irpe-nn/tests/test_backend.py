@@ -62,7 +62,9 @@ def test_index_dtype_per_backend(backend_name, monkeypatch):
         return original(input, index, name)
 
     monkeypatch.setattr(rpe_module, "rpe_index", spy)
-    layer = irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k"))
+    layer = irpe_nn.RPEMultiheadAttention(
+        8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k")
+    )
     x = torch.randn(6, 1, 8)
     layer(x, x, x, hw=(2, 3))
     expected = torch.int32 if backend_name == "irpe_ops" else torch.int64
@@ -84,4 +86,6 @@ def test_fallback_ops_match_definitions():
                     assert out[b, h, i, j] == x[b, h, i, index[i, j]]
                 for k in range(5):
                     want = sum(weights[b, h, i, j] for j in range(6) if index[i, j] == k)
-                    torch.testing.assert_close(sums[b, h, i, k], torch.as_tensor(want, dtype=torch.float64))
+                    torch.testing.assert_close(
+                        sums[b, h, i, k], torch.as_tensor(want, dtype=torch.float64)
+                    )

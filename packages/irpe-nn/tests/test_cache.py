@@ -52,7 +52,9 @@ def test_layers_share_one_table_across_sizes():
     """Six layers, two image sizes in turn: one build per size."""
     clear_bucket_ids_cache()
     layers = [
-        irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k"))
+        irpe_nn.RPEMultiheadAttention(
+            8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k")
+        )
         for _ in range(6)
     ]
     for hw in [(3, 4), (4, 3), (3, 4), (4, 3)]:

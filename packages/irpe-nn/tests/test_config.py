@@ -46,8 +46,14 @@ def test_get_rpe_config_rpe_on_and_ctx_alias():
     [
         ("rpe-2.0-product-ctx-1-k", dict(k=True, method=METHOD.PRODUCT, shared=True, K=81)),
         ("rpe-1.9-product-ctx-1-k", dict(k=True, method=METHOD.PRODUCT, shared=True, K=49)),
-        ("rpe-2-Product-contextual-2-kq", dict(q=True, k=True, method=METHOD.PRODUCT, shared=True, K=81)),
-        ("rpe-2.0-product-ctx-0-qkv", dict(q=True, k=True, v=True, method=METHOD.PRODUCT, shared=False, K=81)),
+        (
+            "rpe-2-Product-contextual-2-kq",
+            dict(q=True, k=True, method=METHOD.PRODUCT, shared=True, K=81),
+        ),
+        (
+            "rpe-2.0-product-ctx-0-qkv",
+            dict(q=True, k=True, v=True, method=METHOD.PRODUCT, shared=False, K=81),
+        ),
         ("rpe-2.5-euc-ctx-0-v", dict(v=True, method=METHOD.EUCLIDEAN, shared=False, K=11)),
         ("rpe-3.0-quant-bias-0-k", dict(k=True, method=METHOD.QUANT, shared=False, K=13)),
         ("rpe-1.9-cross-bias-1-q", dict(q=True, method=METHOD.CROSS, shared=True, K=7)),

@@ -20,7 +20,9 @@ def test_missing_hw_says_how_to_pass_it():
 
 def test_length_mismatch_names_the_numbers():
     x = torch.randn(13, 1, 8)
-    with pytest.raises(ValueError, match=r"sequence length 13 .*height=3, width=4 .*height\*width=12"):
+    with pytest.raises(
+        ValueError, match=r"sequence length 13 .*height=3, width=4 .*height\*width=12"
+    ):
         layer()(x, x, x, hw=(3, 4))
 
 

@@ -16,7 +16,9 @@ def image_axes(fig):
 
 
 def test_single_module(tmp_path):
-    layer = irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-k"))
+    layer = irpe_nn.RPEMultiheadAttention(
+        8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-k")
+    )
     path = tmp_path / "k.png"
     fig = irpe_nn.plot_rpe(layer.rpe_k, path, 3, 4)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -26,8 +28,12 @@ def test_single_module(tmp_path):
 
 def test_whole_model_counts_heads(tmp_path):
     model = torch.nn.Sequential(
-        irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-qkv")),
-        irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-1.9-cross-bias-1-qk")),
+        irpe_nn.RPEMultiheadAttention(
+            8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-qkv")
+        ),
+        irpe_nn.RPEMultiheadAttention(
+            8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-1.9-cross-bias-1-qk")
+        ),
     )
     fig = irpe_nn.plot_rpe(model, tmp_path / "model.png", 4, 4)
     # 3 modules x 2 heads + 2 cross modules (rows and columns drawn together) x 1 head.
@@ -39,7 +45,9 @@ def test_offset_maps_values():
     cfg = irpe_nn.parse_rpe_spec("rpe-2.0-product-bias-0-k")
     layer = irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=cfg)
     torch.nn.init.normal_(layer.rpe_k.lookup_table_bias)
-    ctx = irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-v"))
+    ctx = irpe_nn.RPEMultiheadAttention(
+        8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-0-v")
+    )
     torch.nn.init.normal_(ctx.rpe_v.lookup_table_weight)
     h, w = 3, 4
     # A (2h-1) x (2w-1) grid with the query at its centre covers every offset.
@@ -58,6 +66,8 @@ def test_errors(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    layer = irpe_nn.RPEMultiheadAttention(8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k"))
+    layer = irpe_nn.RPEMultiheadAttention(
+        8, 2, rpe_config=irpe_nn.parse_rpe_spec("rpe-2.0-product-ctx-1-k")
+    )
     with pytest.raises(ImportError, match=r"irpe-nn\[plot\]"):
         irpe_nn.plot_rpe(layer, tmp_path / "x.png", 3, 3)

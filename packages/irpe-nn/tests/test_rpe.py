@@ -45,7 +45,11 @@ def test_outputs_against_naive(backend_name, method):
     L = h * w
     x = torch.randn(B, nh, L, 4, dtype=torch.float64)
     probs = torch.softmax(torch.randn(B, nh, L, L, dtype=torch.float64), -1)
-    parts = [(CROSS_ROWS, "rp_rows"), (CROSS_COLS, "rp_cols")] if method == METHOD.CROSS else [(int(method), None)]
+    parts = (
+        [(CROSS_ROWS, "rp_rows"), (CROSS_COLS, "rp_cols")]
+        if method == METHOD.CROSS
+        else [(int(method), None)]
+    )
 
     def naive(rpe, kind):
         total = 0
@@ -55,9 +59,13 @@ def test_outputs_against_naive(backend_name, method):
             if kind == "bias":
                 total = total + sub.lookup_table_bias[:, ids].unsqueeze(0)
             elif kind == "k":
-                total = total + torch.einsum("bhid,hdij->bhij", x, sub.lookup_table_weight[:, :, ids])
+                total = total + torch.einsum(
+                    "bhid,hdij->bhij", x, sub.lookup_table_weight[:, :, ids]
+                )
             else:
-                total = total + torch.einsum("bhij,hijd->bhid", probs, sub.lookup_table_weight[:, ids])
+                total = total + torch.einsum(
+                    "bhij,hijd->bhid", probs, sub.lookup_table_weight[:, ids]
+                )
         return total
 
     bias = module("bias", method, heads=nh)
@@ -121,7 +129,7 @@ def test_construction_errors():
         iRPE(4, 1, "bias", METHOD.CROSS, rpe_config=cfg)
     with pytest.raises(ValueError, match="rpe_config"):
         iRPE(4, 1, "bias", METHOD.PRODUCT, num_buckets=81)
-    with pytest.raises(ValueError, match="METHOD.CROSS"):
+    with pytest.raises(ValueError, match=r"METHOD\.CROSS"):
         iRPE_Cross(METHOD.PRODUCT, head_dim=4, rpe_config=cfg)
 
 

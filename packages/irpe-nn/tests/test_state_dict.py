@@ -79,7 +79,9 @@ def test_initialisation_follows_pytorch_1_7_order():
     """Same RNG stream as PyTorch 1.7's MultiheadAttention: out_proj's own default init,
     then xavier-uniform in_proj_weight, zero biases, xavier-normal bias_k/bias_v."""
     torch.manual_seed(123)
-    layer = RPEMultiheadAttention(16, 4, add_bias_kv=True, rpe_config=parse_rpe_spec("rpe-2.0-product-ctx-0-qkv"))
+    layer = RPEMultiheadAttention(
+        16, 4, add_bias_kv=True, rpe_config=parse_rpe_spec("rpe-2.0-product-ctx-0-qkv")
+    )
     torch.manual_seed(123)
     in_proj_weight = torch.empty(48, 16)
     out_proj = nn.Linear(16, 16)

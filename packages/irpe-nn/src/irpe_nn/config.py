@@ -9,8 +9,8 @@ import math
 from .buckets import METHOD, num_base_buckets
 
 __all__ = [
-    "RPE_HELP",
     "MODES",
+    "RPE_HELP",
     "RPEConfig",
     "SingleRPEConfig",
     "get_rpe_config",

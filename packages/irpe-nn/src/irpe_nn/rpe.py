@@ -74,7 +74,11 @@ class iRPE(nn.Module):
             raise ValueError("iRPE: rpe_config (with alpha, beta, gamma) is required")
         if num_buckets is None:
             num_buckets = rpe_config.num_buckets
-        for name, value in (("head_dim", head_dim), ("num_heads", num_heads), ("num_buckets", num_buckets)):
+        for name, value in (
+            ("head_dim", head_dim),
+            ("num_heads", num_heads),
+            ("num_buckets", num_buckets),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"iRPE: {name} must be an int >= 1, got {value!r}")
         self.num_heads = num_heads
@@ -120,7 +124,9 @@ class iRPE(nn.Module):
                 f"iRPE: give both height and width (got height={height}, width={width})"
             )
         skip = length - height * width
-        has_skip_bucket = self.num_buckets == num_base_buckets(self.method, self.rpe_config.beta) + 1
+        has_skip_bucket = (
+            self.num_buckets == num_base_buckets(self.method, self.rpe_config.beta) + 1
+        )
         if skip < 0 or (skip > 0) != has_skip_bucket:
             built = "skip > 0 tokens" if has_skip_bucket else "skip = 0"
             raise ValueError(
@@ -134,7 +140,7 @@ class iRPE(nn.Module):
     def bucket_ids(
         self, length: int, height: int | None, width: int | None, device: torch.device, name: str
     ) -> torch.Tensor:
-        """Cached id table ``(length, length)`` for backend ``name`` (see :mod:`irpe_nn.backend`)."""
+        """Cached id table ``(length, length)`` for backend ``name`` (:mod:`irpe_nn.backend`)."""
         height, width, skip = self.grid(length, height, width)
         cfg = self.rpe_config
         ids, _ = bucket_ids(
@@ -168,7 +174,7 @@ class iRPE(nn.Module):
         """
         if x.dim() != 4:
             raise ValueError(f"iRPE: x must be 4-D (B, nh, L, D or L), got shape {tuple(x.shape)}")
-        B, nh, L, last = x.shape
+        _, nh, L, last = x.shape
         if self.num_heads != 1 and nh != self.num_heads:
             raise ValueError(
                 f"iRPE: x has {nh} heads (dim 1 of {tuple(x.shape)}) but the table has "
@@ -233,9 +239,7 @@ class iRPE_Cross(nn.Module):
         return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
 
 
-def build_rpe(
-    config: Any, head_dim: int, num_heads: int
-) -> Sequence[iRPE | iRPE_Cross | None]:
+def build_rpe(config: Any, head_dim: int, num_heads: int) -> Sequence[iRPE | iRPE_Cross | None]:
     """Modules ``[rpe_q, rpe_k, rpe_v]`` for an attention layer.
 
     Args:
