@@ -86,10 +86,14 @@ def _source_digest(package: str) -> str:
     """A digest of a package's sources, so that a cached wheel is rebuilt when they change."""
     digest = hashlib.sha256()
     base = ROOT / "packages" / package
-    for path in sorted(base.rglob("*")):
-        rel = path.relative_to(base)
-        if path.is_file() and not {"build", "tests", "__pycache__"} & set(rel.parts):
-            digest.update(str(rel).encode())
+    # Only what goes into the wheel: test runs leave caches (.pytest_cache, __pycache__) in the
+    # package folder, and hashing those would force a full (CUDA) rebuild in every session.
+    inputs = [base / "pyproject.toml", base / "CMakeLists.txt", base / "README.md"]
+    for folder in ("csrc", "cmake", "src"):
+        inputs += (base / folder).rglob("*")
+    for path in sorted(inputs):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(base)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -147,12 +151,17 @@ def dev(session: nox.Session) -> None:
         "uv", "pip", "install", *TORCH[DEFAULT_TORCH], *BUILD_TOOLS, *TEST_TOOLS,
         "ruff", "mkdocs", "tensorboard", external=True, env=env,
     )  # fmt: skip
+    # irpe-ops compiles against the torch in .venv (no build isolation); the pure-Python
+    # packages build in isolation (their backend, hatchling, needs `editables` for -e).
     session.run(
-        "uv", "pip", "install", "--no-build-isolation",
-        "-e", str(ROOT / "packages" / "irpe-ops"),
+        "uv", "pip", "install", "--no-build-isolation", "-e", str(ROOT / "packages" / "irpe-ops"),
+        external=True, env={**env, "IRPE_WITH_CUDA": os.environ.get("IRPE_WITH_CUDA", "AUTO")},
+    )  # fmt: skip
+    session.run(
+        "uv", "pip", "install",
         "-e", str(ROOT / "packages" / "irpe-nn") + "[plot]",
         "-e", str(ROOT / "packages" / "detr-irpe"),
-        external=True, env={**env, "IRPE_WITH_CUDA": "AUTO"},
+        external=True, env=env,
     )  # fmt: skip
     session.log(f"activate with: source {venv.relative_to(ROOT)}/bin/activate")
 

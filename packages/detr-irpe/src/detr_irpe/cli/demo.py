@@ -32,6 +32,7 @@ from detr_irpe.cli import predict as predict_cli
 from detr_irpe.cli import train as train_cli
 from detr_irpe.cli.common import CLIError, run_cli
 from detr_irpe.data.synthetic import SyntheticConfig, generate_synthetic_coco
+from detr_irpe.evaluation import format_stats
 from detr_irpe.utils.logging import setup_logging
 
 __all__ = ["DEMO_IMAGE_SIZE", "demo_model_argv", "main"]
@@ -159,7 +160,6 @@ def run_demo(options: argparse.Namespace) -> None:
     _step("plotting", plot_cli.main([str(run_dir / "log.txt"), "-o", str(out / "curves.png")]))
 
     total_seconds = time.perf_counter() - start
-    table = evaluate_cli.format_table(metrics) if hasattr(evaluate_cli, "format_table") else None
     summary = {
         "ap": metrics["metrics"]["AP"],
         "ap50": metrics["metrics"]["AP50"],
@@ -168,8 +168,7 @@ def run_demo(options: argparse.Namespace) -> None:
         "plan": vars(options) | {"epochs": plan.epochs, "num_train": plan.num_train},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if table:
-        (out / "ap_table.txt").write_text(table)
+    (out / "ap_table.txt").write_text(format_stats(metrics["coco_eval_bbox"]) + "\n")
     logger.info(
         "demo done in %.0f s (training %.0f s): AP %.3f, AP50 %.3f; outputs in %s",
         total_seconds,
