@@ -30,7 +30,7 @@ import torch
 from detr_irpe import build_model, build_optimizer, collate_fn
 from detr_irpe.config import default_args
 from detr_irpe.data import build_dataset
-from detr_irpe.data.synthetic import generate_synthetic_dataset
+from detr_irpe.data.synthetic import SyntheticConfig, generate_synthetic_coco
 
 PHASES = ("backbone", "encoder", "decoder", "matcher")
 
@@ -101,9 +101,12 @@ def run_config(name: str, steps: int, data_root: Path) -> dict[str, object]:
             "--train_max_size", str(max(image_size)), "--no_crop_aug",
         ]
     )  # fmt: skip
-    generate_synthetic_dataset(
-        data_root / name, num_train=4 * batch_size, num_val=batch_size, image_size=image_size,
-        seed=0,
+    generate_synthetic_coco(
+        data_root / name,
+        SyntheticConfig(
+            num_train=4 * batch_size, num_val=batch_size, image_size=max(image_size),
+            min_image_size=shorter, seed=0,
+        ),
     )  # fmt: skip
     args.num_classes = None
     torch.manual_seed(0)

@@ -341,6 +341,25 @@ def test_train_without_crop_aug_never_removes_boxes():
         assert len(out["boxes"]) == len(BOXES)
 
 
+def test_train_without_any_augmentation_is_deterministic():
+    """--no_crop_aug --no_flip_aug with one scale: the train pipeline is a fixed resize."""
+    args = args_for(train_scales=[64], crop_aug=False, flip_aug=False)
+    transform = make_transforms("train", args)
+    reference = make_transforms("val", args_for(val_size=64, val_max_size=1333))
+    image = Image.effect_noise((120, 90), 40).convert("RGB")
+    expected_image, expected = reference(image, make_target(BOXES, 120, 90))
+    with_flip = make_transforms("train", args_for(train_scales=[64], crop_aug=False))
+    flipped = 0
+    for seed in range(12):
+        random.seed(seed)
+        out_image, out = transform(image, make_target(BOXES, 120, 90))
+        torch.testing.assert_close(out_image, expected_image)
+        torch.testing.assert_close(out["boxes"], expected["boxes"])
+        random.seed(seed)
+        flipped += not torch.equal(with_flip(image, make_target(BOXES, 120, 90))[0], out_image)
+    assert 0 < flipped < 12  # the same seeds do flip some images when the flip is on
+
+
 def test_unknown_image_set_is_refused():
     with pytest.raises(ValueError, match="image_set"):
         make_transforms("training", args_for())

@@ -152,6 +152,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="disable the random resize-crop branch of the training augmentation",
     )
     new.add_argument(
+        "--no_flip_aug",
+        dest="flip_aug",
+        action="store_false",
+        help="disable the random horizontal flip of the training augmentation",
+    )
+    new.add_argument(
         "--tensorboard", action="store_true", help="also log to TensorBoard in output_dir"
     )
     new.add_argument(
@@ -180,6 +186,7 @@ NEW_OPTIONS: dict[str, object] = {
     "train_scales": None,
     "train_max_size": 1333,
     "crop_aug": True,
+    "flip_aug": True,
     "tensorboard": False,
     "finetune": "",
     "progress": True,

@@ -284,6 +284,8 @@ def train(args: argparse.Namespace) -> None:
     class_names = _class_names(dataset_train)
 
     json_log = JsonLinesLog(output_dir / "log.txt") if output_dir and is_main_process() else None
+    if json_log is not None and start_epoch > args.start_epoch:
+        json_log.truncate_after(start_epoch - 1)  # resumed: drop what a killed run left after
     tb_log = None
     if args.tensorboard and is_main_process():
         try:

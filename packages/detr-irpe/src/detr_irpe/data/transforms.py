@@ -315,8 +315,9 @@ def crop_branch_sizes(scales: Sequence[int]) -> tuple[list[int], tuple[int, int]
 def make_transforms(image_set: str, args: Namespace) -> Compose:
     """The original's augmentation for ``'train'`` and resize for ``'val'`` (and ``'test'``).
 
-    Train: :class:`RandomHorizontalFlip`, then (when ``args.crop_aug``) with probability 1/2
-    ``RandomResize(scales, max_size)`` or else ``RandomResize(pre)``, ``RandomSizeCrop``,
+    Train: :class:`RandomHorizontalFlip` (unless ``args.flip_aug`` is false), then (when
+    ``args.crop_aug``) with probability 1/2 ``RandomResize(scales, max_size)`` or else
+    ``RandomResize(pre)``, ``RandomSizeCrop``,
     ``RandomResize(scales, max_size)`` (sizes from :func:`crop_branch_sizes`); then
     :class:`ToTensor` and ImageNet :class:`Normalize`. ``scales`` is ``args.train_scales``
     (default :data:`DEFAULT_TRAIN_SCALES`), ``max_size`` is ``args.train_max_size``.
@@ -340,7 +341,8 @@ def make_transforms(image_set: str, args: Namespace) -> Compose:
                     ]
                 ),
             )
-        return Compose([RandomHorizontalFlip(), resize_step, normalize])
+        flip = [RandomHorizontalFlip()] if getattr(args, "flip_aug", True) else []
+        return Compose([*flip, resize_step, normalize])
     if image_set in ("val", "test"):
         size = getattr(args, "val_size", 800)
         max_size = getattr(args, "val_max_size", 1333)

@@ -287,6 +287,27 @@ class JsonLinesLog:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only the complete lines of epochs ``<= epoch``.
+
+        Called when a run resumes from the checkpoint of ``epoch``: a run killed after that
+        checkpoint may have left a half-written last line, which the resumed run's lines
+        must not be appended to. Rewritten atomically (temporary file, then rename).
+        """
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written line of a killed run
+            if isinstance(record, dict) and record.get("epoch", -1) <= epoch:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def write(self, record: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(to_jsonable(record))
@@ -316,12 +337,16 @@ class TensorBoardLog:
     def write(self, record: Mapping[str, Any], step: int) -> None:
         """Add every finite number of ``record`` as a scalar; list values (the COCO stats)
         become ``<key>/<index>``."""
+
+        def is_finite_number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         for key, value in record.items():
             if isinstance(value, (list, tuple)):
                 for i, v in enumerate(value):
-                    if isinstance(v, (int, float)):
+                    if is_finite_number(v):
                         self._writer.add_scalar(f"{key}/{i}", v, step)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            elif is_finite_number(value):
                 self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
