@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "cpu/output.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -58,6 +60,10 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled part of irpe_ops: loading it registers the irpe_ops operators.";
+  m.def("empty_cache", &irpe_ops::cpu::release_cached_outputs,
+        "Frees the cached CPU output blocks; returns the number of bytes released.");
+  m.def("cached_bytes", &irpe_ops::cpu::cached_output_bytes,
+        "Bytes of released CPU output blocks kept for reuse.");
   m.def("build_info", &build_info,
         "Build information: version, torch_version and torch_cuda_version (the torch built "
         "against), cuda_version (nvcc, or None without CUDA kernels), cuda_archs (e.g. "

@@ -46,7 +46,9 @@ def test_public_names() -> None:
         "__version__",
         "build_info",
         "bucket_sum",
+        "cached_bytes",
         "cuda_built",
+        "empty_cache",
         "rpe_index",
     }
 
