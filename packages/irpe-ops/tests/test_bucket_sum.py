@@ -92,8 +92,21 @@ def test_many_rows_split_across_threads_and_deterministic(generator: torch.Gener
         assert torch.equal(other, results[0])
 
 
+def test_rows_reduced_in_groups_equal_rows_reduced_alone(generator: torch.Generator) -> None:
+    # Planes of one query row are reduced four at a time; a plane on its own (B = H = 1) is
+    # reduced alone. Both must add in the same order: equal bits.
+    index, K = detr_like_index(6, 9)
+    Lq = index.shape[0]
+    w = make_data((2, 4, Lq, Lq), torch.float32, "contiguous", generator)
+    grouped = irpe_ops.bucket_sum(w, index, K)
+    for b in range(2):
+        for h in range(4):
+            alone = irpe_ops.bucket_sum(w[b : b + 1, h : h + 1], index, K)
+            assert torch.equal(alone[0, 0], grouped[b, h])
+
+
 def test_wide_rows_with_many_buckets(generator: torch.Generator) -> None:
-    # K > Lk / 4 takes the single-accumulator path; K = 5000 also exceeds any small buffer.
+    # K = 5000 buckets for 50 columns: accumulators far wider than the rows.
     w = make_data((2, 2, 3, 50), torch.float64, "contiguous", generator)
     index = make_index(3, 50, 5000, torch.int64, generator)
     torch.testing.assert_close(

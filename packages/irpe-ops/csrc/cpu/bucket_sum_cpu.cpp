@@ -27,41 +27,49 @@ constexpr const char* kOp = "irpe_ops.bucket_sum";
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Reduces one row of Lk weights into kLanes interleaved accumulators of K entries each.
-//
-// Neighbouring j often fall into the same bucket (distant tokens share saturated buckets), and a
-// single accumulator would then chain every add on the previous store to the same address.
-// Spreading consecutive j over kLanes independent copies breaks that chain; the copies are summed
-// in a fixed order afterwards, so the result stays deterministic.
-template <int kLanes, typename scalar_t, typename acc_t, typename index_t>
+// Rows reduced together: consecutive rows are the planes (b, h) of one query row i and share
+// index[i, :]. Each id is loaded once for kGroup planes, and the kGroup accumulators are
+// independent, so an add never waits on the previous add to the same bucket (neighbouring j
+// often fall into one bucket: distant tokens share saturated buckets).
+constexpr int kGroup = 4;
+
+// Every row is summed in ascending j into one accumulator per bucket, whether it is reduced
+// alone or in a group: grouping (which depends on how rows are split between threads) never
+// changes a result.
+template <typename scalar_t, typename acc_t, typename index_t>
 inline void reduce_row(const scalar_t* __restrict w, int64_t stride_j, const index_t* __restrict ix,
-                       int64_t Lk, acc_t* __restrict acc, int64_t K) {
-  int64_t j = 0;
-  if constexpr (kLanes == 4) {
-    if (stride_j == 1) {
-      for (; j + 4 <= Lk; j += 4) {
-        acc[ix[j]] += static_cast<acc_t>(w[j]);
-        acc[K + ix[j + 1]] += static_cast<acc_t>(w[j + 1]);
-        acc[2 * K + ix[j + 2]] += static_cast<acc_t>(w[j + 2]);
-        acc[3 * K + ix[j + 3]] += static_cast<acc_t>(w[j + 3]);
-      }
-    } else {
-      for (; j + 4 <= Lk; j += 4) {
-        acc[ix[j]] += static_cast<acc_t>(w[j * stride_j]);
-        acc[K + ix[j + 1]] += static_cast<acc_t>(w[(j + 1) * stride_j]);
-        acc[2 * K + ix[j + 2]] += static_cast<acc_t>(w[(j + 2) * stride_j]);
-        acc[3 * K + ix[j + 3]] += static_cast<acc_t>(w[(j + 3) * stride_j]);
-      }
-    }
-  }
-  for (; j < Lk; ++j) {
+                       int64_t Lk, acc_t* __restrict acc) {
+  for (int64_t j = 0; j < Lk; ++j) {
     acc[ix[j]] += static_cast<acc_t>(w[j * stride_j]);
   }
 }
 
-template <int kLanes, typename scalar_t, typename index_t>
+template <typename scalar_t, typename acc_t, typename index_t>
+inline void reduce_rows(const scalar_t* const (&w)[kGroup], int64_t stride_j,
+                        const index_t* __restrict ix, int64_t Lk, acc_t* __restrict acc,
+                        int64_t K) {
+  const scalar_t* __restrict w0 = w[0];
+  const scalar_t* __restrict w1 = w[1];
+  const scalar_t* __restrict w2 = w[2];
+  const scalar_t* __restrict w3 = w[3];
+  acc_t* __restrict a0 = acc;
+  acc_t* __restrict a1 = acc + K;
+  acc_t* __restrict a2 = acc + 2 * K;
+  acc_t* __restrict a3 = acc + 3 * K;
+  for (int64_t j = 0; j < Lk; ++j) {
+    const int64_t k = ix[j];
+    const int64_t jj = j * stride_j;
+    a0[k] += static_cast<acc_t>(w0[jj]);
+    a1[k] += static_cast<acc_t>(w1[jj]);
+    a2[k] += static_cast<acc_t>(w2[jj]);
+    a3[k] += static_cast<acc_t>(w3[jj]);
+  }
+}
+
+template <typename scalar_t, typename index_t>
 void bucket_sum_kernel(const at::Tensor& weights, const at::Tensor& index, int64_t K,
                        at::Tensor& out) {
+  static_assert(kGroup == 4, "reduce_rows is written out for 4 rows");
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = weights.size(0);
   const int64_t H = weights.size(1);
@@ -74,45 +82,45 @@ void bucket_sum_kernel(const at::Tensor& weights, const at::Tensor& index, int64
   const scalar_t* w = weights.const_data_ptr<scalar_t>();
   const index_t* idx = index.const_data_ptr<index_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t rows = Lq * B * H;
+  const int64_t planes = B * H;
+  const int64_t rows = Lq * planes;
 
   at::parallel_for(0, rows, grain_rows(Lk + K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(kLanes * K));
+    std::vector<acc_t> acc(static_cast<size_t>(kGroup * K));
     RowCursor cur(begin, B, H);
-    const index_t* ix = idx + cur.i * Lk;
-    check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
-    for (int64_t r = begin; r < end; ++r) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      reduce_row<kLanes>(w + cur.b * sB + cur.h * sH + cur.i * sQ, sJ, ix, Lk, acc.data(), K);
-      scalar_t* dst = o + (cur.plane() * Lq + cur.i) * K;
-      if constexpr (kLanes == 4) {
-        const acc_t* a = acc.data();
-        for (int64_t k = 0; k < K; ++k) {
-          dst[k] = static_cast<scalar_t>((a[k] + a[K + k]) + (a[2 * K + k] + a[3 * K + k]));
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          dst[k] = static_cast<scalar_t>(acc[k]);
-        }
-      }
-      if (cur.advance() && r + 1 < end) {
-        ix = idx + cur.i * Lk;
+    const index_t* ix = nullptr;
+    int64_t ix_row = -1;
+    for (int64_t r = begin; r < end;) {
+      if (cur.i != ix_row) {
+        ix_row = cur.i;
+        ix = idx + ix_row * Lk;
         check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
       }
+      // Rows left in this chunk that still belong to query row i.
+      const int64_t same_row = std::min(end - r, planes - cur.plane());
+      const int group = same_row >= kGroup ? kGroup : 1;
+      const scalar_t* src[kGroup] = {};
+      scalar_t* dst[kGroup] = {};
+      for (int g = 0; g < group; ++g) {
+        src[g] = w + cur.b * sB + cur.h * sH + cur.i * sQ;
+        dst[g] = o + (cur.plane() * Lq + cur.i) * K;
+        cur.advance();
+      }
+      std::fill(acc.begin(), acc.begin() + group * K, acc_t(0));
+      if (group == kGroup) {
+        reduce_rows(src, sJ, ix, Lk, acc.data(), K);
+      } else {
+        reduce_row(src[0], sJ, ix, Lk, acc.data());
+      }
+      for (int g = 0; g < group; ++g) {
+        const acc_t* a = acc.data() + g * K;
+        for (int64_t k = 0; k < K; ++k) {
+          dst[g][k] = static_cast<scalar_t>(a[k]);
+        }
+      }
+      r += group;
     }
   });
-}
-
-template <typename scalar_t, typename index_t>
-void dispatch_lanes(const at::Tensor& weights, const at::Tensor& index, int64_t K,
-                    at::Tensor& out) {
-  // Several accumulators pay off when buckets repeat within a row (K well below Lk); for wide
-  // rows of distinct buckets their zeroing and merging would cost more than they save.
-  if (4 * K <= weights.size(3)) {
-    bucket_sum_kernel<4, scalar_t, index_t>(weights, index, K, out);
-  } else {
-    bucket_sum_kernel<1, scalar_t, index_t>(weights, index, K, out);
-  }
 }
 
 at::Tensor bucket_sum_cpu(const at::Tensor& weights, const at::Tensor& index_arg,
@@ -130,10 +138,10 @@ at::Tensor bucket_sum_cpu(const at::Tensor& weights, const at::Tensor& index_arg
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "bucket_sum_cpu",
                                   [&] {
                                     if (index.scalar_type() == at::kInt) {
-                                      dispatch_lanes<scalar_t, int32_t>(weights, index,
+                                      bucket_sum_kernel<scalar_t, int32_t>(weights, index,
                                                                         num_buckets, out);
                                     } else {
-                                      dispatch_lanes<scalar_t, int64_t>(weights, index,
+                                      bucket_sum_kernel<scalar_t, int64_t>(weights, index,
                                                                         num_buckets, out);
                                     }
                                   });

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "checks.h"
@@ -16,6 +17,11 @@ namespace irpe_ops::cpu {
 namespace {
 
 constexpr const char* kOp = "irpe_ops.rpe_index";
+
+// Rows gathered together: consecutive rows are the planes (b, h) of one query row i, so they
+// share index[i, :]. Each id is loaded once and serves kGroup planes, which leaves one load and
+// one store per element and gives the core kGroup independent copies to overlap.
+constexpr int kGroup = 4;
 
 // Copies one output row. Split by the stride of K so the common contiguous case is a plain
 // indexed load the compiler can unroll.
@@ -33,8 +39,30 @@ inline void gather_row(const elem_t* __restrict src, int64_t stride_k, const ind
   }
 }
 
+// Copies kGroup output rows that share one index row.
+template <typename elem_t, typename index_t>
+inline void gather_rows(const elem_t* const (&src)[kGroup], int64_t stride_k,
+                        const index_t* __restrict ix, elem_t* const (&dst)[kGroup], int64_t Lk) {
+  const elem_t* __restrict s0 = src[0];
+  const elem_t* __restrict s1 = src[1];
+  const elem_t* __restrict s2 = src[2];
+  const elem_t* __restrict s3 = src[3];
+  elem_t* __restrict d0 = dst[0];
+  elem_t* __restrict d1 = dst[1];
+  elem_t* __restrict d2 = dst[2];
+  elem_t* __restrict d3 = dst[3];
+  for (int64_t j = 0; j < Lk; ++j) {
+    const int64_t k = static_cast<int64_t>(ix[j]) * stride_k;
+    d0[j] = s0[k];
+    d1[j] = s1[k];
+    d2[j] = s2[k];
+    d3[j] = s3[k];
+  }
+}
+
 template <typename elem_t, typename index_t>
 void rpe_index_kernel(const at::Tensor& input, const at::Tensor& index, at::Tensor& out) {
+  static_assert(kGroup == 4, "gather_rows is written out for 4 rows");
   const int64_t B = input.size(0);
   const int64_t H = input.size(1);
   const int64_t Lq = input.size(2);
@@ -48,20 +76,35 @@ void rpe_index_kernel(const at::Tensor& input, const at::Tensor& index, at::Tens
   const auto* in = static_cast<const elem_t*>(input.const_data_ptr());
   const auto* idx = index.const_data_ptr<index_t>();
   auto* o = static_cast<elem_t*>(out.mutable_data_ptr());
-  const int64_t rows = Lq * B * H;
+  const int64_t planes = B * H;
+  const int64_t rows = Lq * planes;
 
   at::parallel_for(0, rows, grain_rows(Lk), [&](int64_t begin, int64_t end) {
     RowCursor cur(begin, B, H);
-    const index_t* ix = idx + cur.i * Lk;
-    check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
-    for (int64_t r = begin; r < end; ++r) {
-      const elem_t* src = in + cur.b * sB + cur.h * sH + cur.i * sQ;
-      elem_t* dst = o + (cur.plane() * Lq + cur.i) * Lk;
-      gather_row(src, sK, ix, dst, Lk);
-      if (cur.advance() && r + 1 < end) {
-        ix = idx + cur.i * Lk;
+    const index_t* ix = nullptr;
+    int64_t ix_row = -1;
+    for (int64_t r = begin; r < end;) {
+      if (cur.i != ix_row) {
+        ix_row = cur.i;
+        ix = idx + ix_row * Lk;
         check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
       }
+      // Rows left in this chunk that still belong to query row i.
+      const int64_t same_row = std::min(end - r, planes - cur.plane());
+      const int group = same_row >= kGroup ? kGroup : 1;
+      const elem_t* src[kGroup] = {};
+      elem_t* dst[kGroup] = {};
+      for (int g = 0; g < group; ++g) {
+        src[g] = in + cur.b * sB + cur.h * sH + cur.i * sQ;
+        dst[g] = o + (cur.plane() * Lq + cur.i) * Lk;
+        cur.advance();
+      }
+      if (group == kGroup) {
+        gather_rows(src, sK, ix, dst, Lk);
+      } else {
+        gather_row(src[0], sK, ix, dst[0], Lk);
+      }
+      r += group;
     }
   });
 }
