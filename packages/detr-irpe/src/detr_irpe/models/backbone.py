@@ -167,8 +167,8 @@ class Backbone(nn.Module):
             norm_layer=FrozenBatchNorm2d,
         )
         if weights == IMAGENET_WEIGHTS:
-            # Every rank loads the (cached) file itself rather than relying on DDP's initial
-            # broadcast from rank 0: the result is the same and single-process evaluation works.
+            # detr-irpe-train asks for this on rank 0 only (as the original), so one process
+            # downloads; DDP's initial broadcast then copies the weights to the other ranks.
             load_backbone_weights(resnet, _imagenet_state_dict(name), f"ImageNet {name}")
             logger.info("backbone %s: torchvision ImageNet weights loaded", name)
         elif weights == NO_WEIGHTS:
