@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import json
 import zipfile
@@ -76,6 +77,39 @@ def test_boxes_are_tight_around_the_drawn_shapes(difficulty):
         for i, (ax0, ay0, ax1, ay1) in enumerate(boxes):  # no occlusion
             for bx0, by0, bx1, by1 in boxes[i + 1 :]:
                 assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0
+
+
+def test_class_colors_give_each_class_its_hue():
+    config = dataclasses.replace(SMALL, class_colors=True, max_objects=4)
+    hues: dict[int, list[float]] = {}
+    for index in range(40):
+        sample = render_sample(config, "train", index)
+        pixels = np.asarray(sample.image)
+        for obj in sample.objects:
+            x, y, w, h = obj.bbox
+            assert (pixels[y : y + h, x : x + w][obj.mask] == obj.color).all()
+            hue, saturation, _ = colorsys.rgb_to_hsv(*(c / 255 for c in obj.color))
+            assert saturation > 0.5
+            hues.setdefault(obj.category_id, []).append(hue)
+    assert set(hues) == set(range(1, len(SYNTHETIC_CATEGORIES) + 1))
+    expected = {1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1 / 6}  # red, green, blue, yellow
+    for category_id, values in hues.items():
+        assert max(_hue_distance(hue, expected[category_id]) for hue in values) < 0.05
+    # Without the option, hues ignore the class.
+    plain = dataclasses.replace(config, class_colors=False)
+    off_hue = sum(
+        _hue_distance(
+            colorsys.rgb_to_hsv(*(c / 255 for c in obj.color))[0], expected[obj.category_id]
+        )
+        > 0.05
+        for index in range(40)
+        for obj in render_sample(plain, "train", index).objects
+    )
+    assert off_hue > 10
+
+
+def _hue_distance(a: float, b: float) -> float:
+    return min(abs(a - b), 1 - abs(a - b))
 
 
 def test_written_files_agree_with_their_annotations(synthetic_coco_root):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_irpe.models.backbone import Backbone, Joiner, build_backbone, feature_map_size
 from detr_irpe.models.position_encoding import PositionEmbeddingSine
@@ -66,6 +68,24 @@ def test_frozen_parts_follow_lr_backbone() -> None:
     assert not any(p.requires_grad for p in frozen.parameters())
     # FrozenBatchNorm2d statistics and affines are buffers, not parameters.
     assert not any("bn" in name for name, _ in trained.named_parameters())
+
+
+def test_batch_norm_for_training_from_scratch() -> None:
+    """--backbone_norm batch: trainable BatchNorm2d with running statistics, every stage
+    trained; still frozen as a whole by lr_backbone <= 0."""
+    joiner = build_backbone(backbone_args(backbone_norm="batch"))
+    body = joiner[0].body
+    assert isinstance(body.bn1, nn.BatchNorm2d) and not isinstance(body.bn1, FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in joiner.parameters())
+    assert "0.body.layer1.0.bn1.running_mean" in joiner.state_dict()
+    joiner.train()
+    before = body.bn1.running_mean.clone()
+    joiner(nested_tensor_from_tensor_list([torch.rand(3, 64, 64), torch.rand(3, 64, 64)]))
+    assert not torch.equal(body.bn1.running_mean, before)
+    frozen = build_backbone(backbone_args(backbone_norm="batch", lr_backbone=0.0))
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(ValueError, match="backbone norm 'group'"):
+        Backbone("resnet18", True, False, False, norm="group")
 
 
 def test_joiner_keys_and_outputs() -> None:

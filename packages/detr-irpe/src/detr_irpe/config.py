@@ -121,6 +121,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "or the path of a torchvision-format state dict",
     )
     new.add_argument(
+        "--backbone_norm",
+        default="frozen",
+        choices=("frozen", "batch"),
+        help="'frozen': the original's frozen batch norm, layer2-4 trained (for pretrained "
+        "weights); 'batch': trainable batch norm and every stage trained (from scratch)",
+    )
+    new.add_argument(
         "--skip_bad_samples",
         action="store_true",
         help="skip unreadable images and malformed annotations with a warning instead of stopping",
@@ -179,6 +186,7 @@ NEW_OPTIONS: dict[str, object] = {
     "amp": "off",
     "num_classes": None,
     "backbone_weights": "imagenet",
+    "backbone_norm": "frozen",
     "skip_bad_samples": False,
     "eval_every": 1,
     "val_max_size": 1333,

@@ -51,6 +51,7 @@ EXIT_USAGE = 2
 # by detr-irpe-eval and detr-irpe-predict unless given on the command line.
 MODEL_OPTIONS: tuple[str, ...] = (
     "backbone",
+    "backbone_norm",
     "dilation",
     "position_embedding",
     "enc_layers",

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.difficulty,
         help="0 (large objects, clean backgrounds) to 1 (small objects, clutter)",
     )
+    parser.add_argument(
+        "--class-colors",
+        action="store_true",
+        help="draw each class in its own hue (a colour cue besides the shape)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--zip", action="store_true", help="write train2017.zip/val2017.zip instead of folders"
@@ -67,6 +72,7 @@ def _generate(args: argparse.Namespace) -> None:
             difficulty=args.difficulty,
             seed=args.seed,
             as_zip=args.zip,
+            class_colors=args.class_colors,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -53,6 +53,9 @@ BASIC_BLOCK_CHANNELS = 512
 # Only these stages are fine-tuned when the backbone is trained (conv1 and layer1 stay frozen).
 TRAINED_STAGES = ("layer2", "layer3", "layer4")
 
+# --backbone_norm: the original's frozen batch norm, or trainable batch norm (from scratch).
+BACKBONE_NORMS = ("frozen", "batch")
+
 # Output stride of layer4: 32, or 16 when layer4 uses dilation instead of stride ("DC5").
 STRIDE = 32
 DILATED_STRIDE = 16
@@ -139,6 +142,11 @@ class Backbone(nn.Module):
     """A torchvision ResNet with frozen batch norm, returning ``{'0': layer4}`` (or layer1..4
     as ``'0'..'3'`` with ``return_interm_layers``).
 
+    ``norm="frozen"`` (the original) fixes every batch norm to its loaded statistics and trains
+    only layer2..4. ``norm="batch"`` is for training from scratch, where frozen statistics are
+    the identity and a deep ResNet then trains poorly: ordinary ``BatchNorm2d`` layers, and
+    every stage trained.
+
     Attributes: ``body`` (IntermediateLayerGetter), ``num_channels`` (channels of layer4),
     ``strides``, ``dilation``.
     """
@@ -150,8 +158,11 @@ class Backbone(nn.Module):
         return_interm_layers: bool,
         dilation: bool,
         weights: str = NO_WEIGHTS,
+        norm: str = "frozen",
     ) -> None:
         super().__init__()
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"unsupported backbone norm {norm!r}; choose one of {BACKBONE_NORMS}")
         if name not in SUPPORTED_BACKBONES:
             raise ValueError(
                 f"unsupported --backbone {name!r}; choose one of {sorted(SUPPORTED_BACKBONES)}"
@@ -164,7 +175,7 @@ class Backbone(nn.Module):
         resnet = getattr(torchvision.models, name)(
             weights=None,
             replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
         )
         if weights == IMAGENET_WEIGHTS:
             # detr-irpe-train asks for this on rank 0 only (as the original), so one process
@@ -178,7 +189,8 @@ class Backbone(nn.Module):
             logger.info("backbone %s: weights loaded from %s", name, weights)
 
         for param_name, parameter in resnet.named_parameters():
-            if not train_backbone or not any(stage in param_name for stage in TRAINED_STAGES):
+            trained_stage = norm == "batch" or any(stage in param_name for stage in TRAINED_STAGES)
+            if not train_backbone or not trained_stage:
                 parameter.requires_grad_(False)
         if return_interm_layers:
             return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
@@ -229,5 +241,6 @@ def build_backbone(args: argparse.Namespace) -> Joiner:
         return_interm_layers=bool(args.masks),
         dilation=bool(args.dilation),
         weights=args.backbone_weights,
+        norm=getattr(args, "backbone_norm", "frozen"),
     )
     return Joiner(backbone, position_embedding)
