@@ -27,11 +27,9 @@ constexpr const char* kOp = "irpe_ops.bucket_sum";
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Rows reduced together: consecutive rows are the planes (b, h) of one query row i and share
-// index[i, :]. Each id is loaded once for kGroup planes, and the kGroup accumulators are
-// independent, so an add never waits on the previous add to the same bucket (neighbouring j
-// often fall into one bucket: distant tokens share saturated buckets).
-constexpr int kGroup = 4;
+// Rows are reduced kGroup at a time (index_rows.h). Their accumulators are independent, so an
+// add never waits on the previous add to the same bucket of its own row (neighbouring j often
+// fall into one bucket: distant tokens share saturated buckets).
 
 // Every row is summed in ascending j into one accumulator per bucket, whether it is reduced
 // alone or in a group: grouping (which depends on how rows are split between threads) never
@@ -82,44 +80,36 @@ void bucket_sum_kernel(const at::Tensor& weights, const at::Tensor& index, int64
   const scalar_t* w = weights.const_data_ptr<scalar_t>();
   const index_t* idx = index.const_data_ptr<index_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t planes = B * H;
-  const int64_t rows = Lq * planes;
+  const int64_t rows = Lq * B * H;
 
   at::parallel_for(0, rows, grain_rows(Lk + K), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(kGroup * K));
-    RowCursor cur(begin, B, H);
     const index_t* ix = nullptr;
-    int64_t ix_row = -1;
-    for (int64_t r = begin; r < end;) {
-      if (cur.i != ix_row) {
-        ix_row = cur.i;
-        ix = idx + ix_row * Lk;
-        check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
-      }
-      // Rows left in this chunk that still belong to query row i.
-      const int64_t same_row = std::min(end - r, planes - cur.plane());
-      const int group = same_row >= kGroup ? kGroup : 1;
-      const scalar_t* src[kGroup] = {};
-      scalar_t* dst[kGroup] = {};
-      for (int g = 0; g < group; ++g) {
-        src[g] = w + cur.b * sB + cur.h * sH + cur.i * sQ;
-        dst[g] = o + (cur.plane() * Lq + cur.i) * K;
-        cur.advance();
-      }
-      std::fill(acc.begin(), acc.begin() + group * K, acc_t(0));
-      if (group == kGroup) {
-        reduce_rows(src, sJ, ix, Lk, acc.data(), K);
-      } else {
-        reduce_row(src[0], sJ, ix, Lk, acc.data());
-      }
-      for (int g = 0; g < group; ++g) {
-        const acc_t* a = acc.data() + g * K;
-        for (int64_t k = 0; k < K; ++k) {
-          dst[g][k] = static_cast<scalar_t>(a[k]);
-        }
-      }
-      r += group;
-    }
+    for_each_row_group(
+        begin, end, B, H,
+        [&](int64_t i) {
+          ix = idx + i * Lk;
+          check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
+        },
+        [&](const RowGroup& group) {
+          const scalar_t* src[kGroup] = {};
+          for (int g = 0; g < group.count; ++g) {
+            src[g] = w + group.b[g] * sB + group.h[g] * sH + group.i * sQ;
+          }
+          std::fill(acc.begin(), acc.begin() + group.count * K, acc_t(0));
+          if (group.count == kGroup) {
+            reduce_rows(src, sJ, ix, Lk, acc.data(), K);
+          } else {
+            reduce_row(src[0], sJ, ix, Lk, acc.data());
+          }
+          for (int g = 0; g < group.count; ++g) {
+            const acc_t* a = acc.data() + g * K;
+            scalar_t* dst = o + (group.plane[g] * Lq + group.i) * K;
+            for (int64_t k = 0; k < K; ++k) {
+              dst[k] = static_cast<scalar_t>(a[k]);
+            }
+          }
+        });
   });
 }
 

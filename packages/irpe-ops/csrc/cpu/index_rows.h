@@ -33,20 +33,61 @@ struct RowCursor {
 
   int64_t plane() const { return b * H + h; }
 
-  // Move to the next row; returns true when the query row i changed.
-  bool advance() {
+  // Move to the next row.
+  void advance() {
     if (++h < H) {
-      return false;
+      return;
     }
     h = 0;
     if (++b < B) {
-      return false;
+      return;
     }
     b = 0;
     ++i;
-    return true;
   }
 };
+
+// Rows handled together: consecutive rows are the planes (b, h) of one query row i and share
+// index[i, :], so a kernel can load each id once for up to kGroup planes and give the core
+// kGroup independent copies (or accumulations) to overlap.
+constexpr int kGroup = 4;
+
+// `count` rows of query row `i`: kGroup, or 1 where fewer are left in the chunk or the row.
+struct RowGroup {
+  int64_t i;
+  int count;
+  int64_t b[kGroup];
+  int64_t h[kGroup];
+  int64_t plane[kGroup];  // b * H + h
+};
+
+// Visits the rows [begin, end) of the (i, b, h) order as RowGroups. `on_query_row(i)` runs
+// before the first group of each query row (where the kernels fetch and check index[i, :]).
+template <typename OnQueryRow, typename OnGroup>
+inline void for_each_row_group(int64_t begin, int64_t end, int64_t B, int64_t H,
+                               OnQueryRow&& on_query_row, OnGroup&& on_group) {
+  RowCursor cur(begin, B, H);
+  const int64_t planes = B * H;
+  int64_t current_i = -1;
+  for (int64_t r = begin; r < end;) {
+    if (cur.i != current_i) {
+      current_i = cur.i;
+      on_query_row(current_i);
+    }
+    const int64_t same_row = std::min(end - r, planes - cur.plane());
+    RowGroup group{};
+    group.i = cur.i;
+    group.count = same_row >= kGroup ? kGroup : 1;
+    for (int g = 0; g < group.count; ++g) {
+      group.b[g] = cur.b;
+      group.h[g] = cur.h;
+      group.plane[g] = cur.plane();
+      cur.advance();
+    }
+    on_group(group);
+    r += group.count;
+  }
+}
 
 // Min and max of one index row (a loop the compiler vectorises).
 template <typename index_t>

@@ -18,11 +18,6 @@ namespace {
 
 constexpr const char* kOp = "irpe_ops.rpe_index";
 
-// Rows gathered together: consecutive rows are the planes (b, h) of one query row i, so they
-// share index[i, :]. Each id is loaded once and serves kGroup planes, which leaves one load and
-// one store per element and gives the core kGroup independent copies to overlap.
-constexpr int kGroup = 4;
-
 // Copies one output row. Split by the stride of K so the common contiguous case is a plain
 // indexed load the compiler can unroll.
 template <typename elem_t, typename index_t>
@@ -76,36 +71,29 @@ void rpe_index_kernel(const at::Tensor& input, const at::Tensor& index, at::Tens
   const auto* in = static_cast<const elem_t*>(input.const_data_ptr());
   const auto* idx = index.const_data_ptr<index_t>();
   auto* o = static_cast<elem_t*>(out.mutable_data_ptr());
-  const int64_t planes = B * H;
-  const int64_t rows = Lq * planes;
+  const int64_t rows = Lq * B * H;
 
   at::parallel_for(0, rows, grain_rows(Lk), [&](int64_t begin, int64_t end) {
-    RowCursor cur(begin, B, H);
     const index_t* ix = nullptr;
-    int64_t ix_row = -1;
-    for (int64_t r = begin; r < end;) {
-      if (cur.i != ix_row) {
-        ix_row = cur.i;
-        ix = idx + ix_row * Lk;
-        check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
-      }
-      // Rows left in this chunk that still belong to query row i.
-      const int64_t same_row = std::min(end - r, planes - cur.plane());
-      const int group = same_row >= kGroup ? kGroup : 1;
-      const elem_t* src[kGroup] = {};
-      elem_t* dst[kGroup] = {};
-      for (int g = 0; g < group; ++g) {
-        src[g] = in + cur.b * sB + cur.h * sH + cur.i * sQ;
-        dst[g] = o + (cur.plane() * Lq + cur.i) * Lk;
-        cur.advance();
-      }
-      if (group == kGroup) {
-        gather_rows(src, sK, ix, dst, Lk);
-      } else {
-        gather_row(src[0], sK, ix, dst[0], Lk);
-      }
-      r += group;
-    }
+    for_each_row_group(
+        begin, end, B, H,
+        [&](int64_t i) {
+          ix = idx + i * Lk;
+          check_index_row(kOp, ix, Lk, K, idx, Lq * Lk);
+        },
+        [&](const RowGroup& group) {
+          const elem_t* src[kGroup] = {};
+          elem_t* dst[kGroup] = {};
+          for (int g = 0; g < group.count; ++g) {
+            src[g] = in + group.b[g] * sB + group.h[g] * sH + group.i * sQ;
+            dst[g] = o + (group.plane[g] * Lq + group.i) * Lk;
+          }
+          if (group.count == kGroup) {
+            gather_rows(src, sK, ix, dst, Lk);
+          } else {
+            gather_row(src[0], sK, ix, dst[0], Lk);
+          }
+        });
   });
 }
 
