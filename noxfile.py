@@ -247,7 +247,7 @@ def cross(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation site (MkDocs, strict: broken links fail)."""
     session.install("mkdocs")
-    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "docs" / "_build"))
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "_site"))
 
 
 @nox.session
