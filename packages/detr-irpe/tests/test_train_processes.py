@@ -114,7 +114,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(square_coco: Path, tmp_pa
     checkpoint on disk is complete, and the resumed run continues with the next epoch and
     finishes with a log holding every epoch once."""
     out = tmp_path / "run"
-    epochs = 4
+    epochs = 6  # enough left after the first checkpoint for the kill to land mid-run
     argv = [
         sys.executable, "-m", "detr_irpe.cli.train", *MODEL, "--coco_path", str(square_coco),
         "--epochs", str(epochs), "--lr_drop", "3", "--batch_size", "2", "--output_dir", str(out),
