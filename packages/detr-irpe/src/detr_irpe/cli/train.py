@@ -241,6 +241,18 @@ def train(args: argparse.Namespace) -> None:
     loader_val = build_val_loader(dataset_val, args, device)
     base_ds = get_coco_api(dataset_val)
 
+    def evaluate_val() -> tuple[dict[str, Any], Any]:
+        return evaluate(
+            model,
+            criterion,
+            postprocessors,
+            loader_val,
+            base_ds,
+            device,
+            amp=args.amp,
+            progress=args.progress,
+        )
+
     start_epoch = args.start_epoch
     if state is not None:
         load_checkpoint(state, model_without_ddp)
@@ -256,16 +268,7 @@ def train(args: argparse.Namespace) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     if args.eval:
-        test_stats, evaluator = evaluate(
-            model,
-            criterion,
-            postprocessors,
-            loader_val,
-            base_ds,
-            device,
-            amp=args.amp,
-            progress=args.progress,
-        )
+        test_stats, evaluator = evaluate_val()
         if output_dir is not None and is_main_process() and evaluator is not None:
             save_torch_atomic(evaluator.eval, output_dir / "eval.pth")
             report = evaluation_report(
@@ -333,16 +336,7 @@ def train(args: argparse.Namespace) -> None:
         test_stats: dict[str, Any] = {}
         evaluator = None
         if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
-            test_stats, evaluator = evaluate(
-                model,
-                criterion,
-                postprocessors,
-                loader_val,
-                base_ds,
-                device,
-                amp=args.amp,
-                progress=args.progress,
-            )
+            test_stats, evaluator = evaluate_val()
 
         log_stats: dict[str, Any] = {
             **{f"train_{k}": v for k, v in train_stats.items()},
