@@ -252,7 +252,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run every benchmark in benchmarks/ (CPU by default; pass --device cuda on a GPU machine)."""
+    """Run every benchmark in benchmarks/ on the CPU (arguments after -- go to every script)."""
     install_stack(session, ops=True, detr=True)
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
