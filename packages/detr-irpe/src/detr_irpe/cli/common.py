@@ -29,6 +29,7 @@ __all__ = [
     "MODEL_OPTIONS",
     "CLIError",
     "check_model_options",
+    "checkpoint_parser",
     "explicit_options",
     "locate_checkpoint",
     "merge_checkpoint_args",
@@ -190,6 +191,21 @@ def check_model_options(args: argparse.Namespace) -> None:
         raise CLIError("--frozen_weights only serves --masks, which detr-irpe does not support")
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num_classes must be at least 1, got {args.num_classes}")
+
+
+def checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Parser of a programme that runs a checkpoint: every ``detr-irpe-train`` option (model
+    options default to those stored in the checkpoint) plus the positional ``checkpoint``."""
+    from detr_irpe.config import get_args_parser
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{description} Model options default to those stored in the checkpoint.",
+        parents=[get_args_parser(add_help=False)],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="checkpoint file (or https URL)")
+    return parser
 
 
 def seed_everything(seed: int) -> None:

@@ -31,6 +31,7 @@ from detr_irpe.cli.common import (
     MODEL_OPTIONS,
     CLIError,
     check_model_options,
+    checkpoint_parser,
     explicit_options,
     locate_checkpoint,
     merge_checkpoint_args,
@@ -40,7 +41,7 @@ from detr_irpe.cli.common import (
     write_json,
 )
 from detr_irpe.cli.loaders import build_val_loader
-from detr_irpe.config import complete_args, get_args_parser
+from detr_irpe.config import complete_args
 from detr_irpe.engine import evaluate
 from detr_irpe.evaluation import evaluation_report, format_stats
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -54,14 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="COCO box evaluation of a DETR-with-iRPE checkpoint. Model options default "
-        "to those stored in the checkpoint.",
-        parents=[get_args_parser(add_help=False)],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    parser.add_argument("checkpoint", help="checkpoint file (or https URL)")
+    parser = checkpoint_parser(PROG, "COCO box evaluation of a DETR-with-iRPE checkpoint.")
     parser.add_argument("--output", default=None, help="write the statistics to this JSON file")
     return parser
 

@@ -31,6 +31,7 @@ from detr_irpe.cli.common import (
     MODEL_OPTIONS,
     CLIError,
     check_model_options,
+    checkpoint_parser,
     explicit_options,
     locate_checkpoint,
     merge_checkpoint_args,
@@ -38,7 +39,7 @@ from detr_irpe.cli.common import (
     run_cli,
     write_json,
 )
-from detr_irpe.config import complete_args, get_args_parser
+from detr_irpe.config import complete_args
 from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
 from detr_irpe.utils.logging import setup_logging
 
@@ -50,14 +51,9 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Draw the detections of a DETR-with-iRPE checkpoint on images (PNG). "
-        "Model options default to those stored in the checkpoint.",
-        parents=[get_args_parser(add_help=False)],
-        formatter_class=argparse.RawTextHelpFormatter,
+    parser = checkpoint_parser(
+        PROG, "Draw the detections of a DETR-with-iRPE checkpoint on images (PNG)."
     )
-    parser.add_argument("checkpoint", help="checkpoint file (or https URL)")
     parser.add_argument("images", nargs="+", help="image files to run the detector on")
     parser.add_argument(
         "--threshold", default=0.5, type=float, help="lowest score drawn (default: 0.5)"
