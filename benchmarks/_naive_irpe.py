@@ -1,5 +1,5 @@
-"""The attention with iRPE computed the way the original implementation does it (spec
-irpe.md §7.2, §8, §12 items 11-13, 19): the benchmark's baseline.
+"""The attention with iRPE computed the way the original implementation does it, slow
+paths included: the benchmark's baseline.
 
 * the projection path is chosen by comparing whole activations with ``torch.equal``;
 * contextual q/k terms are gathered by advanced indexing with a flat ``L*K`` index into the

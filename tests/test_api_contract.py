@@ -1,4 +1,4 @@
-"""The public surface of spec/api.md: code outside the packages imports exactly these names."""
+"""The packages' public surface: code outside the packages imports exactly these names."""
 
 from __future__ import annotations
 

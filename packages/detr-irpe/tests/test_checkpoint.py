@@ -43,7 +43,7 @@ def outputs_of(model: DETR) -> dict:
 
 
 def original_checkpoint(model: DETR, epoch: int = 3) -> dict:
-    """The dict the original main.py saves (spec §7.3), args pickled as a Namespace."""
+    """The dict the original main.py saves, args pickled as an argparse.Namespace."""
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4
     )
@@ -69,7 +69,7 @@ def test_original_checkpoint_loads_and_reproduces_outputs(tmp_path: Path) -> Non
     trained = tiny_model(0)
     path = tmp_path / "checkpoint.pth"
     torch.save(original_checkpoint(trained), path)
-    # The original's file cannot be read with PyTorch's safe default alone (spec §8.4) ...
+    # The original's file cannot be read with PyTorch's safe default alone (pickled Namespace) ...
     with pytest.raises(Exception, match=r"argparse.Namespace"):
         torch.load(path, weights_only=True)
     # ... but it loads through load_checkpoint, which allows exactly that class.

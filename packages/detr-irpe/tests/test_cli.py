@@ -36,7 +36,7 @@ RUN_OPTIONS = ["--device", "cpu", "--num_workers", "0", "--no_progress", "--batc
 
 
 def original_train_keys(num_aux: int) -> set[str]:
-    """``train_*`` keys of the original's log.txt (spec detr-irpe.md §7.3)."""
+    """``train_*`` keys of the original's log.txt."""
     suffixes = ["", *[f"_{i}" for i in range(num_aux)]]
     weighted = {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes}
     raw = weighted | {f"cardinality_error{s}" for s in suffixes} | {"class_error"}

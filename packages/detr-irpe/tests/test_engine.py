@@ -20,7 +20,7 @@ AUX = [f"_{i}" for i in range(5)]
 
 
 def expected_train_keys(num_aux: int) -> set[str]:
-    """Keys of the original engine's training statistics (spec detr-irpe.md §7.3)."""
+    """Keys of the original engine's training statistics."""
     suffixes = ["", *[f"_{i}" for i in range(num_aux)]]
     weighted = {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou") for s in suffixes}
     raw = weighted | {f"cardinality_error{s}" for s in suffixes} | {"class_error"}

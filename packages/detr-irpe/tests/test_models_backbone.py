@@ -1,4 +1,4 @@
-"""The ResNet backbone: output size, mask resizing, frozen parts and weight loading (spec §2.2)."""
+"""The ResNet backbone: output size, mask resizing, frozen parts and weight loading."""
 
 from __future__ import annotations
 

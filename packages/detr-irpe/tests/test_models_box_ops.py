@@ -1,4 +1,4 @@
-"""Box conversions and generalised IoU against naive formulas (spec detr-irpe.md §4.1)."""
+"""Box conversions and generalised IoU against naive formulas."""
 
 from __future__ import annotations
 

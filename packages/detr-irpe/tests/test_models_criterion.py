@@ -1,4 +1,4 @@
-"""SetCriterion against a naive re-computation of spec detr-irpe.md §4.2."""
+"""SetCriterion against a naive re-computation of the original's losses."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def naive_giou_cxcywh(a: list[float], b: list[float]) -> float:
 
 
 def naive_losses(logits, boxes, targets, indices, num_boxes: float) -> dict[str, float]:
-    """Per spec §4.2, element by element in Python floats."""
+    """The original's losses, element by element in Python floats."""
     batch, queries, num_logits = logits.shape
     no_object = num_logits - 1
     target_class = [[no_object] * queries for _ in range(batch)]

@@ -1,4 +1,4 @@
-"""The assembled detector: state dict per spec detr-irpe.md §3, outputs per §2.7, build rules."""
+"""The assembled detector: the original's state dict and outputs, build rules."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ TINY = [
 ]  # fmt: skip
 
 
-# ---- expected state dict, written out from the spec's tables (§3.1–§3.3) --------------------
+# ---- expected state dict: the original's keys, shapes and order ------------------------------
 
 
 def expected_backbone_keys() -> list[tuple[str, tuple]]:

@@ -1,4 +1,4 @@
-"""The Hungarian matcher against brute-force assignment with a naive cost (spec §4.1)."""
+"""The Hungarian matcher against brute-force assignment with a naive cost."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sine and learned position encodings against naive formulas (spec detr-irpe.md §2.3)."""
+"""Sine and learned position encodings against naive formulas."""
 
 from __future__ import annotations
 

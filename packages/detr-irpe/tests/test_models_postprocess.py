@@ -1,4 +1,4 @@
-"""PostProcess against a naive per-query computation (spec detr-irpe.md §6)."""
+"""PostProcess against a naive per-query computation."""
 
 from __future__ import annotations
 

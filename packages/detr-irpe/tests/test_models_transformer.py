@@ -1,6 +1,5 @@
-"""The encoder-decoder against a naive re-implementation from spec detr-irpe.md §2.4–§2.6 and
-irpe.md §2, §4, §8 (attention with iRPE written out term by term, bucket ids from the
-piecewise function)."""
+"""The encoder-decoder against a naive re-implementation of the original's layers
+(attention with iRPE written out term by term, bucket ids from the piecewise function)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from detr_irpe.models.transformer import Transformer
 D_MODEL, NHEAD, FFN = 16, 2, 24
 
 
-# ---- naive iRPE (irpe.md §2, §4: product method) -------------------------------------------
+# ---- naive iRPE (product method) -----------------------------------------------------------
 
 
 def naive_piecewise(x: int, ratio: float) -> int:
@@ -42,13 +41,13 @@ def naive_product_buckets(height: int, width: int, ratio: float) -> torch.Tensor
     return ids
 
 
-def test_naive_buckets_reproduce_the_spec_example() -> None:
-    # irpe.md §4.2: product, ratio 2.0, 3x3 grid, first row of bkt.
+def test_naive_buckets_reproduce_the_original_example() -> None:
+    # The original's product ids for ratio 2.0 on a 3x3 grid, first row (query 0, keys 0..8).
     assert naive_product_buckets(3, 3, 2.0)[0].tolist() == [40, 39, 38, 31, 30, 29, 22, 21, 20]
 
 
 def naive_attention(attn, query, key, value, key_padding_mask=None, buckets=None):
-    """irpe.md §8 steps 1-13 for (L, N, E) inputs, with the iRPE terms of §7.4."""
+    """The original's iRPE attention forward, step by step, for (L, N, E) inputs."""
     L, N, E = query.shape
     nh = attn.num_heads
     D = E // nh
@@ -243,7 +242,7 @@ def test_irpe_tables_get_their_own_xavier_values() -> None:
     torch.manual_seed(0)
     model = Transformer(256, 8, 3, 1, 64, enc_rpe2d="rpe-2.0-product-ctx-1-k")
     tables = [layer.self_attn.rpe_k.lookup_table_weight.detach() for layer in model.encoder.layers]
-    bound = math.sqrt(6 / (32 * 81 + 1 * 81))  # fan_in D*K, fan_out Hm*K (spec §2.8): 0.04738
+    bound = math.sqrt(6 / (32 * 81 + 1 * 81))  # fan_in D*K, fan_out Hm*K: 0.04738
     for table in tables:
         assert table.shape == (1, 32, 81)
         assert float(table.abs().max()) <= bound

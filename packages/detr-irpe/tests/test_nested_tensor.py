@@ -1,4 +1,4 @@
-"""Padded batches: layout, mask, collation and input validation (spec detr-irpe.md §2.1)."""
+"""Padded batches: layout, mask, collation and input validation."""
 
 from __future__ import annotations
 

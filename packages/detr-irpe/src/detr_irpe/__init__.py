@@ -1,6 +1,6 @@
 """DETR with image relative position encoding (iRPE).
 
-The public surface (``spec/api.md``): :func:`build_model`, :func:`collate_fn`,
+The public surface (imported by name outside the packages): :func:`build_model`, :func:`collate_fn`,
 :func:`build_optimizer`, :func:`train_one_epoch`, :func:`load_checkpoint`; the console scripts
 ``detr-irpe-train``, ``detr-irpe-eval`` and ``detr-irpe-predict``.
 """

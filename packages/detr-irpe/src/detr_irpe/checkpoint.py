@@ -3,7 +3,7 @@
 Our checkpoints are dicts ``{'format': 'detr-irpe', 'version': 1, 'model', 'optimizer',
 'lr_scheduler', 'epoch', 'args'}`` with ``args`` a plain dict, so they load with
 ``torch.load(weights_only=True)``. Original DETR-with-iRPE checkpoints hold the same entries
-but pickle ``args`` as an ``argparse.Namespace`` (spec detr-irpe.md §7.3); that one class is
+but pickle ``args`` as an ``argparse.Namespace``; that one class is
 allowed explicitly. Files are always read with ``weights_only=True``: a checkpoint never runs
 code, and a file that would need to is refused with an error naming the offending global.
 """

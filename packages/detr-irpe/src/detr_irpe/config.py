@@ -1,6 +1,6 @@
 """Command-line options of the detector, compatible with the original ``main.py``.
 
-Every flag of the original programme keeps its name and default (spec detr-irpe.md §7.4), so
+Every original flag keeps its name and default (docs/detector.md, 'Original flags'), so
 existing commands and pickled ``argparse.Namespace`` objects stay valid. Options added by this
 package are listed in ``NEW_OPTIONS``; :func:`complete_args` fills them in when an older
 namespace (for example one stored in an original checkpoint) lacks them.

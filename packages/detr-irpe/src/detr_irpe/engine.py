@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass (spec detr-irpe.md §6, §7.2).
+"""One training epoch and one evaluation pass, as the original ``engine.py``.
 
 Both functions accept any iterable of ``(samples, targets)`` as made by
 :func:`detr_irpe.collate_fn`, run on one process or under ``torch.distributed`` (losses

@@ -1,7 +1,7 @@
 """Padded image batches (:class:`NestedTensor`) and the DataLoader collation that builds them.
 
 DETR trains on images of different sizes. A batch is stored as one zero-padded tensor plus a
-boolean mask that is ``True`` on the padding (spec detr-irpe.md §2.1); every image sits in the
+boolean mask that is ``True`` on the padding (as in the original); every image sits in the
 top-left corner, so grid coordinates of valid pixels do not depend on the padding.
 """
 

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of DETR (spec detr-irpe.md §3.4, §7.1).
+"""Optimizer and learning-rate schedule of DETR.
 
 The parameter groups and their order are those of the original ``main.py``, so optimizer
 states saved by the original (or by this package) load into the optimizer built here:

@@ -1,4 +1,4 @@
-"""Data loaders of the programmes, with the original's sampling (spec detr-irpe.md §7.1).
+"""Data loaders of the programmes, with the original's sampling.
 
 Training: a shuffling sampler (``DistributedSampler`` under ``torch.distributed``, which
 shards the data between ranks and is re-seeded by ``set_epoch``; otherwise a

@@ -8,7 +8,7 @@ Accepts every flag of the original programme, single-process or under ``torchrun
     detr-irpe-train --coco_path ./coco_data --enc_rpe2d rpe-2.0-product-ctx-1-k \\
         --eval --resume rpe-2.0-product-ctx-1-k.pth
 
-Files written to ``--output_dir`` (rank 0; spec detr-irpe.md §7.3): ``checkpoint.pth``
+Files written to ``--output_dir`` (rank 0; docs/detector.md, 'Output directory'): ``checkpoint.pth``
 every epoch and ``checkpoint{epoch:04}.pth`` when ``epoch + 1`` is a multiple of
 ``--lr_drop`` or 100, both written atomically so a run killed at any moment resumes with
 ``--resume output/checkpoint.pth``; ``log.txt`` (one JSON line per epoch with the

@@ -1,4 +1,4 @@
-"""The ResNet feature extractor and its pairing with the position encoding (spec detr-irpe.md §2.2).
+"""The ResNet feature extractor and its pairing with the position encoding.
 
 State-dict keys are the original's: the ResNet lives at ``backbone.0.body.*`` and a learned
 position encoding at ``backbone.1.*``, so original checkpoints load unchanged.
@@ -232,7 +232,7 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(args: argparse.Namespace) -> Joiner:
-    """Position encoding, then the ResNet (this order fixes the RNG stream, spec §2.8)."""
+    """Position encoding, then the ResNet (the original's order, which fixes the RNG stream)."""
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
     backbone = Backbone(

@@ -1,5 +1,5 @@
 """Box conversions, generalised IoU and box validation used by the matcher, losses and
-post-processing (spec detr-irpe.md §4.1). Thin wrappers over ``torchvision.ops``."""
+post-processing. Thin wrappers over ``torchvision.ops``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DETR training losses (spec detr-irpe.md §4.2)."""
+"""The DETR training losses, as the original ``SetCriterion``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DETR detector: backbone, transformer, class and box heads (spec detr-irpe.md §2.4, §2.7)."""
+"""The DETR detector: backbone, transformer, class and box heads."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class DETR(nn.Module):
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
-        # Registration order is the original's state-dict order (spec §3): transformer, heads,
+        # Registration order is the original's state-dict order: transformer, heads,
         # queries, input projection, backbone.
         self.transformer = transformer
         hidden_dim = transformer.d_model

@@ -1,4 +1,4 @@
-"""One-to-one assignment of predictions to ground-truth objects (spec detr-irpe.md §4.1)."""
+"""One-to-one assignment of predictions to ground-truth objects."""
 
 from __future__ import annotations
 

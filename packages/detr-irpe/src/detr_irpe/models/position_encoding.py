@@ -1,4 +1,4 @@
-"""Absolute 2-D position encodings added to the image features (spec detr-irpe.md §2.3).
+"""Absolute 2-D position encodings added to the image features.
 
 Both encodings map a padded batch ``NestedTensor(features (N, C, h, w), mask (N, h, w))`` to
 ``pos (N, 2 * num_pos_feats, h, w)``.

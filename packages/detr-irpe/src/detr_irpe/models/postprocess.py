@@ -1,4 +1,4 @@
-"""Model outputs to per-image detections in original-image pixels (spec detr-irpe.md §6)."""
+"""Model outputs to per-image detections in original-image pixels."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The DETR encoder-decoder transformer with iRPE in the encoder self-attention.
 
-Spec detr-irpe.md §2.4–§2.6 and §3.1. Sequences are ``(L, N, E)`` (sequence first) as in the
+Sequences are ``(L, N, E)`` (sequence first) as in the
 original; the image tokens are the feature map flattened row-major (token ``r * w + c``), which is
-the order iRPE expects (irpe.md §3). The state-dict keys and their order are the original's.
+the order iRPE expects. The state-dict keys and their order are the original's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _with_pos(tensor: Tensor, pos: Tensor | None) -> Tensor:
 
 def _clones(module: nn.Module, count: int) -> nn.ModuleList:
     # Deep copies: every layer starts as an identical copy and gets its own values from the
-    # transformer-wide xavier pass that follows (spec §2.8).
+    # transformer-wide xavier pass that follows.
     return nn.ModuleList([copy.deepcopy(module) for _ in range(count)])
 
 
@@ -259,8 +259,9 @@ class Transformer(nn.Module):
     """Encoder (iRPE self-attention) + decoder with learned queries.
 
     ``enc_rpe2d`` is the iRPE string ``rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}``
-    (irpe.md §9) applied to every encoder layer; ``''`` gives no RPE (the encoder still uses
-    :class:`irpe_nn.RPEMultiheadAttention`, computing plain multi-head attention).
+    (docs/layers.md, 'The ``rpe-…`` string') applied to every encoder layer; ``''`` gives no
+    RPE (the encoder still uses :class:`irpe_nn.RPEMultiheadAttention`, computing plain
+    multi-head attention).
     """
 
     def __init__(
@@ -302,7 +303,7 @@ class Transformer(nn.Module):
         self.nhead = nhead
 
     def _reset_parameters(self) -> None:
-        # Every matrix-shaped parameter, iRPE lookup tables included (spec §2.8), in
+        # Every matrix-shaped parameter, iRPE lookup tables included (as in the original), in
         # parameters() order so seeded builds reproduce the original's values.
         for parameter in self.parameters():
             if parameter.dim() > 1:
