@@ -12,12 +12,14 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detr_irpe.config import complete_args
 from detr_irpe.models.backbone import Backbone, Joiner, build_backbone, feature_map_size
 from detr_irpe.models.position_encoding import PositionEmbeddingSine
 from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
 
 
 def backbone_args(**overrides: object) -> argparse.Namespace:
+    """Completed options (the models read completed options only) with these values."""
     values = {
         "hidden_dim": 32,
         "position_embedding": "sine",
@@ -28,7 +30,7 @@ def backbone_args(**overrides: object) -> argparse.Namespace:
         "backbone_weights": "none",
     }
     values.update(overrides)
-    return argparse.Namespace(**values)
+    return complete_args(argparse.Namespace(**values))
 
 
 def naive_nearest(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -5,24 +5,39 @@ The public surface (imported by name outside the packages): :func:`build_model`,
 ``detr-irpe-train``, ``detr-irpe-eval`` and ``detr-irpe-predict``.
 """
 
-from importlib.metadata import version as _version
+from __future__ import annotations
 
-from detr_irpe.checkpoint import load_checkpoint
-from detr_irpe.engine import evaluate, train_one_epoch
-from detr_irpe.models import build_model
-from detr_irpe.nested_tensor import NestedTensor, collate_fn, nested_tensor_from_tensor_list
-from detr_irpe.optim import build_optimizer
+import importlib
+from importlib.metadata import version as _version
+from typing import Any
 
 __version__ = _version("detr-irpe")
 
-__all__ = [
-    "NestedTensor",
-    "__version__",
-    "build_model",
-    "build_optimizer",
-    "collate_fn",
-    "evaluate",
-    "load_checkpoint",
-    "nested_tensor_from_tensor_list",
-    "train_one_epoch",
-]
+# Imported on first use, so that the console scripts answer --help (and report bad flags)
+# without loading torch and the models first.
+_LAZY = {
+    "NestedTensor": "detr_irpe.nested_tensor",
+    "build_model": "detr_irpe.models",
+    "build_optimizer": "detr_irpe.optim",
+    "collate_fn": "detr_irpe.nested_tensor",
+    "evaluate": "detr_irpe.engine",
+    "load_checkpoint": "detr_irpe.checkpoint",
+    "model_from_checkpoint": "detr_irpe.checkpoint",
+    "nested_tensor_from_tensor_list": "detr_irpe.nested_tensor",
+    "train_one_epoch": "detr_irpe.engine",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detr_irpe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

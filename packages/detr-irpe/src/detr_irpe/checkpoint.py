@@ -11,14 +11,12 @@ code, and a file that would need to is refused with an error naming the offendin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detr_irpe.atomic import atomic_write
+
 __all__ = [
+    "ARCHITECTURE_OPTIONS",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "MODEL_OPTIONS",
     "CheckpointError",
+    "CheckpointModel",
+    "CheckpointNotFoundError",
     "LoadedCheckpoint",
     "StateDictMismatchError",
     "UnsafeCheckpointError",
+    "is_resumable",
     "load_checkpoint",
+    "load_for_finetuning",
+    "locate_checkpoint",
     "make_checkpoint",
+    "model_from_checkpoint",
+    "num_classes_of",
+    "options_from_checkpoint",
     "read_checkpoint",
+    "restore_training_state",
     "save_checkpoint",
+    "save_torch",
+    "stored_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +68,10 @@ _RPE_KEY = re.compile(r"\.self_attn\.rpe_[qkv]\.")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not hold what is expected."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The checkpoint a flag or argument names does not exist (a usage error)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -136,47 +153,27 @@ def make_checkpoint(
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically.
+    """Write ``state`` to ``path`` atomically (:func:`detr_irpe.atomic.atomic_write`).
 
-    The data goes to a temporary file in the same directory, is flushed and fsync'ed, then
-    renamed over ``path`` (``os.replace``), so ``path`` always holds either the previous or the
-    complete new checkpoint, never a partial one. ``args`` given as a Namespace are stored as a
-    plain dict, and the ``format``/``version`` markers are added when missing.
+    ``path`` always holds either the previous or the complete new checkpoint, never a partial
+    one. ``args`` given as a Namespace are stored as a plain dict, and the ``format``/``version``
+    markers are added when missing.
+
+    Raises:
+        OutputWriteError: the file cannot be written (disk full, read-only folder, ...).
     """
-    path = Path(path)
     state = dict(state)
     if "args" in state:
         state["args"] = _plain(state["args"])
     state.setdefault("format", CHECKPOINT_FORMAT)
     state.setdefault("version", CHECKPOINT_VERSION)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(directory)
+    save_torch(state, path)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/file system.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)``, atomically (evaluation arrays and other torch files)."""
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,14 +303,14 @@ def _mismatch_message(
     args: Mapping[str, Any] | None,
     model: nn.Module,
 ) -> str:
-    lines = [f"checkpoint {source} does not fit the model:"]
+    lines = [f"checkpoint {source} does not fit the model:"]  # joined into one line
     if missing:
-        lines.append(f"  {len(missing)} missing keys: {_preview(missing)}")
+        lines.append(f"{len(missing)} missing keys: {_preview(missing)}")
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys: {_preview(unexpected)}")
+        lines.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
     if mismatched:
         shown = [f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched]
-        lines.append(f"  {len(mismatched)} shape mismatches: {_preview(shown)}")
+        lines.append(f"{len(mismatched)} shape mismatches: {_preview(shown)}")
 
     head = [m for m in mismatched if m[0].startswith(_CLASS_HEAD_PREFIX)]
     if head:
@@ -348,7 +345,7 @@ def _mismatch_message(
             f"The checkpoint was trained with --enc_rpe2d {ckpt_rpe!r}, the model is built "
             f"with {model_rpe!r}: build it with the checkpoint's setting."
         )
-    return "\n".join(lines)
+    return lines[0] + " " + "; ".join(lines[1:])
 
 
 def _preview(items: list[str], limit: int = 8) -> str:
@@ -365,6 +362,7 @@ def load_checkpoint(
     strict: bool = True,
     drop_class_head: bool = False,
     map_location: str | torch.device | None = "cpu",
+    source: str | None = None,
 ) -> LoadedCheckpoint:
     """Load model weights (and optionally optimizer/scheduler state) from a checkpoint.
 
@@ -380,12 +378,13 @@ def load_checkpoint(
             without iRPE, ...). When ``False`` matching tensors are loaded, the rest is reported
             in the result and logged.
         drop_class_head: do not load ``class_embed.*`` (fine-tuning on another class count).
+        source: the name of a checkpoint given as a dict, for messages (default ``<dict>``).
 
     Returns:
         :class:`LoadedCheckpoint` with the checkpoint's args, epoch and what was (not) loaded.
     """
     if isinstance(path_or_state, Mapping):
-        source = "<dict>"
+        source = source or "<dict>"
         state = dict(path_or_state)
         if isinstance(state.get("args"), argparse.Namespace):
             state["args"] = vars(state["args"])
@@ -449,4 +448,313 @@ def load_checkpoint(
         len(loadable),
         len(missing) + len(skipped),
     )
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------
+# where a checkpoint comes from
+
+
+def locate_checkpoint(path_or_url: str | os.PathLike[str], what: str = "checkpoint") -> Path:
+    """Local path of a checkpoint given as a path or an ``http(s)://`` URL.
+
+    URLs are downloaded once into torch hub's checkpoint cache (as the original's
+    ``--resume URL``); a cached copy is reused.
+
+    Raises:
+        CheckpointNotFoundError: the file does not exist (or is a folder).
+        CheckpointError: the URL cannot be fetched.
+    """
+    source = os.fspath(path_or_url)
+    if source.startswith(("http://", "https://")):
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        target = cache / Path(source.split("?", 1)[0]).name
+        if not target.is_file():
+            logger.info("downloading %s to %s", source, target)
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(source, str(target), progress=False)
+            except Exception as err:  # urllib raises many types; all mean "not fetched"
+                raise CheckpointError(
+                    f"{what} {source}: cannot download ({_first_line(err)})"
+                ) from None
+        return target
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{what} file not found: '{path}'")
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{what} '{path}' is not a file")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# the options a checkpoint was trained with
+
+# Options that define the network, its losses and its input size: a checkpoint's stored
+# values are used whenever one is given (resume, fine-tune, eval, predict, export).
+MODEL_OPTIONS: tuple[str, ...] = (
+    "backbone", "backbone_norm", "dilation", "position_embedding", "enc_layers", "dec_layers",
+    "dim_feedforward", "hidden_dim", "dropout", "nheads", "num_queries", "pre_norm",
+    "enc_rpe2d", "masks", "aux_loss", "set_cost_class", "set_cost_bbox", "set_cost_giou",
+    "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
+    "num_classes", "dataset_file", "val_size", "val_max_size",
+)  # fmt: skip
+
+# The subset that fixes the weights' layout: resuming or fine-tuning refuses to change it.
+ARCHITECTURE_OPTIONS: frozenset[str] = frozenset(
+    (
+        "backbone", "dilation", "position_embedding", "enc_layers", "dec_layers",
+        "dim_feedforward", "hidden_dim", "nheads", "num_queries", "pre_norm", "enc_rpe2d",
+    )
+)  # fmt: skip
+
+
+def stored_options(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a checkpoint stores (ours and the original's ``args``; ``{}`` for none)."""
+    stored = state.get("args") or {}
+    if isinstance(stored, argparse.Namespace):
+        stored = vars(stored)
+    return dict(stored) if isinstance(stored, Mapping) else {}
+
+
+def num_classes_of(state: Mapping[str, Any]) -> int | None:
+    """The class count a checkpoint's classification layer implies (``None`` if it has none)."""
+    weights = state.get("model") if isinstance(state.get("model"), Mapping) else state
+    weight = weights.get("class_embed.weight") if isinstance(weights, Mapping) else None
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        return _num_classes_of(weight.shape)
+    return None
+
+
+def options_from_checkpoint(
+    args: argparse.Namespace,
+    state: Mapping[str, Any],
+    given: Iterable[str] = (),
+    *,
+    keep_architecture: bool = False,
+    source: str = "the checkpoint",
+) -> argparse.Namespace:
+    """``args`` with the model options of a checkpoint filled in.
+
+    Every option of :data:`MODEL_OPTIONS` not in ``given`` (the options set on the command
+    line) takes the checkpoint's stored value; ``num_classes`` defaults to what the stored
+    classification layer implies. Run options (device, data, batch size, ...) stay ``args``'.
+
+    With ``keep_architecture`` (resuming, fine-tuning) an option of
+    :data:`ARCHITECTURE_OPTIONS` given with another value than the checkpoint's is refused.
+
+    Raises:
+        OptionError: such a contradiction, naming both values.
+    """
+    from detr_irpe.config import OptionError
+
+    given = set(given)
+    stored = stored_options(state)
+    merged = argparse.Namespace(**vars(args))
+    for name in MODEL_OPTIONS:
+        if name not in stored:
+            continue
+        if name not in given:
+            setattr(merged, name, stored[name])
+        elif (
+            keep_architecture
+            and name in ARCHITECTURE_OPTIONS
+            and stored[name] != getattr(args, name)
+        ):
+            raise OptionError(
+                f"--{name} {getattr(args, name)!r} contradicts {source}, trained with --{name} "
+                f"{stored[name]!r}: the architecture comes from the checkpoint (drop the flag)"
+            )
+    if "num_classes" not in given and num_classes_of(state) is not None:
+        merged.num_classes = num_classes_of(state)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------
+# a model from a checkpoint
+
+
+@dataclass
+class CheckpointModel:
+    """What :func:`model_from_checkpoint` built.
+
+    Attributes:
+        model: the detector with the checkpoint's weights, in eval mode, on ``args.device``.
+        criterion, postprocessors: as :func:`detr_irpe.build_model` returns them.
+        args: the completed options the model was built from (checkpoint's, then overrides).
+        checkpoint: the checkpoint dict as read (``epoch``, ``class_names``, ...).
+        path: the local file.
+    """
+
+    model: nn.Module
+    criterion: nn.Module
+    postprocessors: dict[str, nn.Module]
+    args: argparse.Namespace
+    checkpoint: dict[str, Any]
+    path: Path
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: argparse.Namespace | None = None,
+) -> CheckpointModel:
+    """Rebuild the detector a checkpoint holds: its options, its weights, ready to run.
+
+    Args:
+        path: a checkpoint of this package or of the original programme (or a URL).
+        overrides: options that win over the checkpoint's, e.g. ``{"device": "cpu"}`` or the
+            options given on a command line. A checkpoint without stored options (a bare state
+            dict) needs the model options it was trained with here.
+        base: the other options (defaults when ``None``).
+
+    Raises:
+        FileNotFoundError, CheckpointError: unreadable, or its weights do not fit the model
+            built from its options (the message says which options to give).
+        OptionError: the resulting options cannot build a model.
+    """
+    from detr_irpe.config import OptionError, complete_args, default_args
+    from detr_irpe.models import build_model
+
+    overrides = dict(overrides or {})
+    local = locate_checkpoint(path)
+    state = read_checkpoint(local)
+    start = complete_args(base) if base is not None else default_args()
+    for name, value in overrides.items():
+        setattr(start, name, value)
+    args = options_from_checkpoint(start, state, overrides, source=str(local))
+    args = complete_args(args)
+    args.backbone_weights = "none"  # the checkpoint holds the backbone
+    model, criterion, postprocessors = build_model(args)
+    try:
+        load_checkpoint(state, model, source=str(local))
+    except StateDictMismatchError as err:
+        changed = sorted(f"--{name}" for name in set(overrides) & ARCHITECTURE_OPTIONS)
+        if not changed:
+            raise
+        raise OptionError(
+            f"{local} does not fit the model built with {', '.join(changed)} from the command "
+            f"line; leave them out to use the checkpoint's options ({_first_line(err)})"
+        ) from None
+    model.to(args.device).eval()
+    return CheckpointModel(model, criterion, postprocessors, args, state, local)
+
+
+# ------------------------------------------------------------------------------------------
+# resuming and fine-tuning
+
+
+def _check_epoch(state: Mapping[str, Any], source: str) -> int:
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(
+            f"checkpoint {source}: 'epoch' must be a non-negative integer, got {epoch!r}"
+        )
+    return epoch
+
+
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, source: str) -> None:
+    """Refuse an optimizer state whose groups or per-parameter tensors do not fit."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), Mapping):
+        raise CheckpointError(f"checkpoint {source}: 'optimizer' is not an optimizer state")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"checkpoint {source}: the optimizer has {len(groups)} parameter groups, this "
+            f"model {len(optimizer.param_groups)}; were --lr_backbone or the model options "
+            "changed?"
+        )
+    for g, (theirs, ours) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = theirs.get("params") if isinstance(theirs, Mapping) else None
+        if not isinstance(ids, list) or len(ids) != len(ours["params"]):
+            raise CheckpointError(
+                f"checkpoint {source}: optimizer group {g} does not hold "
+                f"{len(ours['params'])} parameters as this model's"
+            )
+        for key, param in zip(ids, ours["params"], strict=True):
+            for name, value in (saved["state"].get(key) or {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"checkpoint {source}: optimizer state '{name}' of parameter {key} has "
+                        f"shape {tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                    )
+
+
+def _check_scheduler_state(saved: Any, source: str) -> None:
+    fields = {"last_epoch": int, "step_size": int, "gamma": float, "base_lrs": list}
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"checkpoint {source}: 'lr_scheduler' is not a scheduler state")
+    for name, kind in fields.items():
+        value = saved.get(name)
+        if name in saved and (isinstance(value, bool) or not isinstance(value, (kind, int))):
+            raise CheckpointError(
+                f"checkpoint {source}: lr_scheduler '{name}' must be a {kind.__name__}, got "
+                f"{value!r}"
+            )
+    if saved.get("step_size", 1) < 1 or saved.get("last_epoch", 0) < -1:
+        raise CheckpointError(
+            f"checkpoint {source}: lr_scheduler step_size {saved.get('step_size')} / "
+            f"last_epoch {saved.get('last_epoch')} are out of range"
+        )
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any | None = None,
+    source: str = "<dict>",
+) -> int:
+    """Restore what ``--resume`` continues from; return the first epoch to train.
+
+    Everything is checked before anything is loaded: ``epoch`` a non-negative integer, the
+    optimizer's groups and per-parameter state shapes those of ``optimizer``, the scheduler's
+    fields of the right types and ranges.
+
+    Raises:
+        CheckpointError: the first thing that does not fit, named.
+    """
+    epoch = _check_epoch(state, source)
+    _check_optimizer_state(state.get("optimizer"), optimizer, source)
+    _check_scheduler_state(state.get("lr_scheduler"), source)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return epoch + 1
+
+
+def is_resumable(state: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint carries the training state (an original release may not)."""
+    return all(state.get(k) is not None for k in ("optimizer", "lr_scheduler", "epoch"))
+
+
+def load_for_finetuning(
+    state: Mapping[str, Any], model: nn.Module, source: str, *, allow_new_rpe: bool = False
+) -> LoadedCheckpoint:
+    """Start ``model`` from a checkpoint's weights; only the class head may differ.
+
+    The class head is left at its initialisation when its size differs (another number of
+    classes). With ``allow_new_rpe`` (``--enc_rpe2d`` given for a checkpoint trained without
+    iRPE, such as upstream DETR) the iRPE tables the checkpoint lacks are too. Anything else
+    that does not load is an error: it would silently train another model.
+
+    Raises:
+        StateDictMismatchError: what does not fit, explained.
+    """
+    ours = _unwrap(model).state_dict().get("class_embed.weight")
+    weights, _ = _split_checkpoint(state, source)
+    theirs = _normalise_keys(weights, {}).get("class_embed.weight")
+    drop_head = isinstance(theirs, Tensor) and ours is not None and theirs.shape != ours.shape
+    has_rpe = any(_RPE_KEY.search(k) for k in weights)
+    if not (allow_new_rpe and not has_rpe):
+        return load_checkpoint(state, model, drop_class_head=drop_head, source=source)
+    loaded = load_checkpoint(state, model, strict=False, drop_class_head=drop_head, source=source)
+    others = [k for k in loaded.missing_keys if not _RPE_KEY.search(k)]
+    if others or loaded.unexpected_keys:
+        raise StateDictMismatchError(
+            f"--finetune {source} does not fit the model besides its iRPE tables: "
+            f"missing {_preview(others)}; unexpected {_preview(loaded.unexpected_keys)}"
+        )
     return loaded

@@ -1,29 +1,53 @@
 """Command-line options of the detector, compatible with the original ``main.py``.
 
-Every original flag keeps its name and default (docs/detector.md, 'Original flags'), so
-existing commands and pickled ``argparse.Namespace`` objects stay valid. Options added by this
-package are listed in ``NEW_OPTIONS``; :func:`complete_args` fills them in when an older
-namespace (for example one stored in an original checkpoint) lacks them.
+The parser of :func:`get_args_parser` is the only place an option's default lives. Every
+original flag keeps its name and default (docs/detector.md, 'Original flags'), so existing
+commands and pickled ``argparse.Namespace`` objects stay valid; the options this package added
+are the parser's group "added by detr-irpe", named in :data:`NEW_OPTIONS`.
+:func:`complete_args` fills in, from the parser, whatever an older namespace (for example one
+stored in an original checkpoint) lacks.
+
+This module imports neither torch nor the models, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
+import os
 from collections.abc import Sequence
 
-__all__ = ["NEW_OPTIONS", "complete_args", "default_args", "get_args_parser"]
+__all__ = [
+    "NEW_OPTIONS",
+    "OptionError",
+    "UnsupportedOptionError",
+    "check_device",
+    "check_model_options",
+    "check_run_options",
+    "complete_args",
+    "default_args",
+    "get_args_parser",
+    "is_complete",
+    "parse_options",
+    "prepare_options",
+]
 
+logger = logging.getLogger(__name__)
 
-def _default_device() -> str:
-    import torch
+_NEW_GROUP = "added by detr-irpe"
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# The iRPE string in brief; docs/layers.md, 'The `rpe-…` string', has the full table (and
+# irpe_nn.RPE_HELP, which needs torch to import).
+_RPE_HELP = """\
+iRPE of the encoder: rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on},
+e.g. rpe-2.0-product-ctx-1-k (ratio > 0; method euc|quant|cross|product;
+mode bias|ctx; shared_head 0|1; rpe_on a combination of q, k, v);
+'' (the default) for plain DETR"""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The parser of ``detr-irpe-train`` (original flags first, then the new ones)."""
-    from irpe_nn import RPE_HELP
-
     parser = argparse.ArgumentParser(
         "DETR with iRPE", add_help=add_help, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -60,7 +84,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--nheads", default=8, type=int)
     model.add_argument("--num_queries", default=100, type=int)
     model.add_argument("--pre_norm", action="store_true")
-    model.add_argument("--enc_rpe2d", default="", type=str, help=RPE_HELP)
+    model.add_argument("--enc_rpe2d", default="", type=str, help=_RPE_HELP)
     model.add_argument("--masks", action="store_true", help="train the segmentation head")
 
     loss = parser.add_argument_group("loss")
@@ -100,7 +124,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     run.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
-    new = parser.add_argument_group("added by detr-irpe")
+    new = parser.add_argument_group(_NEW_GROUP)
     new.add_argument(
         "--amp",
         default="off",
@@ -181,42 +205,167 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-# Options this package added, with their defaults; absent from the original's namespaces.
-NEW_OPTIONS: dict[str, object] = {
-    "amp": "off",
-    "num_classes": None,
-    "backbone_weights": "imagenet",
-    "backbone_norm": "frozen",
-    "skip_bad_samples": False,
-    "eval_every": 1,
-    "val_max_size": 1333,
-    "val_size": 800,
-    "train_scales": None,
-    "train_max_size": 1333,
-    "crop_aug": True,
-    "flip_aug": True,
-    "tensorboard": False,
-    "finetune": "",
-    "progress": True,
-}
+def _new_option_names() -> frozenset[str]:
+    parser = get_args_parser(add_help=False)
+    group = next(g for g in parser._action_groups if g.title == _NEW_GROUP)
+    return frozenset(action.dest for action in group._group_actions)
+
+
+# Options this package added (absent from the original's namespaces).
+NEW_OPTIONS: frozenset[str] = _new_option_names()
 
 
 def default_args(argv: Sequence[str] = ()) -> argparse.Namespace:
-    """The namespace the parser gives for ``argv`` (defaults when empty), device resolved."""
+    """The completed namespace the parser gives for ``argv`` (defaults when empty)."""
     return complete_args(get_args_parser().parse_args(list(argv)))
+
+
+def is_complete(args: argparse.Namespace) -> bool:
+    """Whether ``args`` holds every option and a resolved device (see :func:`complete_args`)."""
+    names = vars(get_args_parser(add_help=False).parse_args([]))
+    return all(hasattr(args, name) for name in names) and args.device is not None
 
 
 def complete_args(args: argparse.Namespace) -> argparse.Namespace:
     """Return a copy of ``args`` with every option this package reads.
 
-    Accepts a namespace holding exactly the original ``main.py`` attributes: any newer option
-    takes its default, and ``device=None`` becomes ``'cuda'`` when available, else ``'cpu'``.
+    Accepts a namespace holding exactly the original ``main.py`` attributes: any option it
+    lacks takes the parser's default, and ``device=None`` becomes ``'cuda'`` when available,
+    else ``'cpu'``.
     """
     completed = argparse.Namespace(**vars(args))
-    defaults = vars(get_args_parser().parse_args([]))
-    for name, value in {**defaults, **NEW_OPTIONS}.items():
+    for name, value in vars(get_args_parser(add_help=False).parse_args([])).items():
         if not hasattr(completed, name):
             setattr(completed, name, value)
     if completed.device is None:
-        completed.device = _default_device()
+        import torch
+
+        completed.device = "cuda" if torch.cuda.is_available() else "cpu"
     return completed
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the programmes show it as one usage-error line."""
+
+
+class UnsupportedOptionError(OptionError, NotImplementedError):
+    """An option of the original programme that this package does not implement."""
+
+
+def parse_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, frozenset[str]]:
+    """``(options, given)``: ``argv`` parsed, and the names of the options it sets explicitly
+    (as opposed to defaults), for the rules that let a checkpoint's options win."""
+    argv = None if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    # argparse has no public way to tell a default from a given value; a second parse with
+    # every default suppressed leaves only the options present on the command line.
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    given, _ = probe.parse_known_args(argv)
+    return args, frozenset(vars(given))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """Refuse model options that cannot build a model, each with one clear message.
+
+    Raises:
+        OptionError: the message names the flag and the bad value.
+    """
+    from detr_irpe.models.transformer import encoder_rpe_config
+
+    if args.masks or args.frozen_weights:
+        flag = "--masks" if args.masks else "--frozen_weights (which serves --masks)"
+        raise UnsupportedOptionError(f"{flag}: panoptic segmentation is not supported by detr-irpe")
+    if args.dataset_file != "coco":
+        raise OptionError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco'")
+    for name in ("hidden_dim", "nheads", "num_queries", "dim_feedforward", "dec_layers"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.enc_layers < 0:
+        raise OptionError(f"--enc_layers must be at least 0, got {args.enc_layers}")
+    if args.hidden_dim % args.nheads:
+        raise OptionError(
+            f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}"
+        )
+    if args.num_classes is not None and args.num_classes < 1:
+        raise OptionError(f"--num_classes must be at least 1, got {args.num_classes}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise OptionError(f"--dropout must lie in [0, 1), got {args.dropout}")
+    try:
+        encoder_rpe_config(args.enc_rpe2d)
+    except ValueError as err:
+        raise OptionError(f"--enc_rpe2d: {err}") from None
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse a device that does not exist here, and ``--amp fp16`` off CUDA.
+
+    Raises:
+        OptionError: the message names the flag and what to use instead.
+    """
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise OptionError(f"--device {args.device!r} is not a valid torch device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device {args.device}: detr-irpe runs on 'cpu' or 'cuda' devices")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    from detr_irpe.engine import autocast_dtype
+
+    try:
+        autocast_dtype(args.amp, device)  # the one rule of which --amp runs where
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+
+
+def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
+    """Refuse run options that cannot work; cap ``--num_workers`` at the usable CPUs.
+
+    Raises:
+        OptionError: the message names the flag and the bad value.
+    """
+    if needs_data and not args.coco_path:
+        raise OptionError("--coco_path is required: the folder holding annotations/ and images")
+    if args.coco_path and not os.path.isdir(args.coco_path):
+        raise OptionError(f"--coco_path '{args.coco_path}' is not a directory")
+    for name in ("batch_size", "epochs", "lr_drop", "eval_every"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise OptionError(f"--num_workers must be at least 0, got {args.num_workers}")
+    cpus = _usable_cpus()
+    if args.num_workers > cpus:
+        logger.info("--num_workers %d capped at the %d usable CPUs", args.num_workers, cpus)
+        args.num_workers = cpus
+    if args.tensorboard and not args.output_dir:
+        raise OptionError("--tensorboard needs --output_dir (the event files are written there)")
+
+
+def prepare_options(args: argparse.Namespace, *, needs_data: bool = True) -> argparse.Namespace:
+    """The one boundary of every programme: ``args`` completed and checked, once.
+
+    Returns a completed copy (:func:`complete_args`) with the device resolved and
+    ``--num_workers`` capped; the rest of the code takes it as is.
+
+    Raises:
+        OptionError: the first option that cannot work.
+    """
+    args = complete_args(args)
+    check_device(args)
+    check_model_options(args)
+    check_run_options(args, needs_data=needs_data)
+    return args

@@ -7,8 +7,9 @@ the original's statistics dictionaries, so ``log.txt`` keeps its keys.
 
 Mixed precision (``amp``): ``"bf16"`` runs the model under ``torch.autocast`` with bfloat16
 (CUDA and CPU); ``"fp16"`` uses float16 with a ``GradScaler`` and needs CUDA. The losses are
-always computed in float32 from float32 copies of the outputs, because the Hungarian
-matching and the box losses are sensitive to rounding and cost little.
+always computed in float32 (the criterion and the post-processing cast the outputs once, see
+:mod:`detr_irpe.models.outputs`), because the Hungarian matching and the box losses are
+sensitive to rounding and cost little.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def autocast_dtype(amp: str, device: torch.device | str) -> torch.dtype | None:
     if amp == "fp16":
         if device.type != "cuda":
             raise ValueError(
-                f"--amp fp16 needs a CUDA device (got {device}); use --amp bf16 on CPU"
+                f"--amp fp16 needs a CUDA device (got {device}); use --amp bf16 or --amp off on CPU"
             )
         return torch.float16
     raise ValueError(f"unknown --amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
@@ -108,17 +109,6 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _as_float32(value: Any) -> Any:
-    """``value`` with floating tensors cast to float32 (dicts and lists walked)."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, Mapping):
-        return {k: _as_float32(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_float32(v) for v in value)
-    return value
 
 
 def _targets_to(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -240,7 +230,6 @@ def train_one_epoch(
         targets = _targets_to(targets, device)
         with _autocast(device, amp):
             outputs = model(samples)
-        outputs = _as_float32(outputs)
         loss_dict = _compute_losses(criterion, outputs, targets, epoch, iteration)
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
@@ -314,7 +303,6 @@ def evaluate(
         targets = _targets_to(targets, device)
         with _autocast(device, amp):
             outputs = model(samples)
-        outputs = _as_float32(outputs)
         loss_dict = criterion(outputs, targets)
         metrics.update(**_log_values(loss_dict, weight_dict))
 

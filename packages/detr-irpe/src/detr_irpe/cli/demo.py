@@ -30,7 +30,7 @@ from detr_irpe.cli import evaluate as evaluate_cli
 from detr_irpe.cli import plot as plot_cli
 from detr_irpe.cli import predict as predict_cli
 from detr_irpe.cli import train as train_cli
-from detr_irpe.cli.common import CLIError, run_cli
+from detr_irpe.cli.errors import CLIError, run_cli
 from detr_irpe.data.synthetic import SyntheticConfig, generate_synthetic_coco
 from detr_irpe.evaluation import format_stats
 from detr_irpe.utils.logging import setup_logging

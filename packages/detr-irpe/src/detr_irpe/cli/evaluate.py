@@ -22,30 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import torch
-
-from detr_irpe.cli.common import (
-    MODEL_OPTIONS,
-    CLIError,
-    check_model_options,
-    checkpoint_parser,
-    explicit_options,
-    locate_checkpoint,
-    merge_checkpoint_args,
-    resolve_device,
-    run_cli,
-    save_torch_atomic,
-    write_json,
-)
-from detr_irpe.cli.loaders import build_val_loader
-from detr_irpe.config import complete_args
-from detr_irpe.engine import evaluate
-from detr_irpe.evaluation import evaluation_report, format_stats
-from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
-from detr_irpe.utils.logging import setup_logging
+from detr_irpe.cli.errors import run_cli
+from detr_irpe.cli.parsers import checkpoint_parser
+from detr_irpe.config import parse_options
 
 __all__ = ["build_parser", "main", "run_evaluation"]
 
@@ -60,56 +42,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_evaluation(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, object]:
-    """Evaluate ``args.checkpoint``; returns the JSON report (on every rank)."""
-    from detr_irpe.checkpoint import load_checkpoint, read_checkpoint
-    from detr_irpe.data.coco import build_dataset, get_coco_api
-    from detr_irpe.models import build_model
+def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[str, object]:
+    """Evaluate ``args.checkpoint``; returns the JSON report (on every rank). ``given`` names
+    the options set on the command line: those win over the checkpoint's."""
+    import torch
 
-    args = complete_args(args)
-    resolve_device(args)
-    path = locate_checkpoint(args.checkpoint)
-    if not args.coco_path:
-        raise CLIError("--coco_path is required: the folder holding annotations/ and val2017")
-    if not Path(args.coco_path).is_dir():
-        raise CLIError(f"--coco_path '{args.coco_path}' is not a directory")
+    from detr_irpe.atomic import check_writable_dir, write_json
+    from detr_irpe.checkpoint import model_from_checkpoint, save_torch
+    from detr_irpe.cli.loaders import build_val_loader
+    from detr_irpe.config import prepare_options
+    from detr_irpe.data.coco import build_dataset, get_coco_api
+    from detr_irpe.engine import evaluate
+    from detr_irpe.evaluation import evaluation_report, format_stats
+    from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
+    from detr_irpe.utils.logging import setup_logging
+
+    args = prepare_options(args)
+    if args.output_dir:
+        check_writable_dir(args.output_dir)
     init_distributed_mode(args)
     setup_logging(args.rank)
-    device = torch.device(args.device)
-
-    state = read_checkpoint(path)
-    explicit = explicit_options(build_parser, argv, MODEL_OPTIONS)
-    args = complete_args(merge_checkpoint_args(args, state, explicit))
-    check_model_options(args)
-    logger.info("evaluating %s (epoch %s) with %s", path, state.get("epoch", "?"), args)
-
-    build_args = argparse.Namespace(**vars(args))
-    build_args.backbone_weights = "none"  # the checkpoint holds the backbone
-    model, criterion, postprocessors = build_model(build_args)
-    try:
-        load_checkpoint(state, model)
-    except RuntimeError as err:
-        raise CLIError(
-            f"{path} does not fit the model built from its options ({err}); give the model "
-            "options it was trained with (e.g. --enc_rpe2d, --num_classes)"
-        ) from None
-    model.to(device)
+    loaded = model_from_checkpoint(
+        args.checkpoint, {name: getattr(args, name) for name in given}, base=args
+    )
+    args, path = loaded.args, loaded.path
+    logger.info("evaluating %s (epoch %s) with %s", path, loaded.checkpoint.get("epoch"), args)
 
     dataset = build_dataset("val", args)
-    loader = build_val_loader(dataset, args, device)
+    device = torch.device(args.device)
     # No DDP wrapper: evaluation has no gradients to synchronise; ranks share the work
     # through the sampler and gather detections in the evaluator.
     stats, evaluator = evaluate(
-        model,
-        criterion,
-        postprocessors,
-        loader,
-        get_coco_api(dataset),
-        device,
-        amp=args.amp,
-        progress=args.progress,
-    )
-    report = evaluation_report(stats, checkpoint=str(path), epoch=state.get("epoch"))
+        loaded.model, loaded.criterion, loaded.postprocessors,
+        build_val_loader(dataset, args, device), get_coco_api(dataset), device,
+        amp=args.amp, progress=args.progress,
+    )  # fmt: skip
+    report = evaluation_report(stats, checkpoint=str(path), epoch=loaded.checkpoint.get("epoch"))
     if is_main_process():
         num_images = len(evaluator.img_ids) if evaluator is not None else 0
         sys.stdout.write(
@@ -121,15 +89,15 @@ def run_evaluation(args: argparse.Namespace, argv: Sequence[str] | None) -> dict
             write_json(args.output, report)
             logger.info("wrote %s", args.output)
         if args.output_dir and evaluator is not None:
-            save_torch_atomic(evaluator.eval, Path(args.output_dir) / "eval.pth")
+            save_torch(evaluator.eval, Path(args.output_dir) / "eval.pth")
             write_json(Path(args.output_dir) / "eval_stats.json", report)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``detr-irpe-eval``; returns the exit status."""
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    return run_cli(PROG, lambda: run_evaluation(args, argv))
+    args, given = parse_options(build_parser(), argv)
+    return run_cli(PROG, lambda: run_evaluation(args, given))
 
 
 if __name__ == "__main__":

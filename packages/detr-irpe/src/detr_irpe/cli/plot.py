@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from detr_irpe.cli.common import run_cli
+from detr_irpe.cli.errors import run_cli
 from detr_irpe.utils.logging import setup_logging
 from detr_irpe.visualize import plot_training_curves
 

@@ -20,28 +20,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-from detr_irpe.cli.common import (
-    MODEL_OPTIONS,
-    CLIError,
-    check_model_options,
-    checkpoint_parser,
-    explicit_options,
-    locate_checkpoint,
-    merge_checkpoint_args,
-    resolve_device,
-    run_cli,
-    write_json,
-)
-from detr_irpe.config import complete_args
-from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
-from detr_irpe.utils.logging import setup_logging
+from detr_irpe.cli.errors import CLIError, run_cli
+from detr_irpe.cli.parsers import checkpoint_parser
+from detr_irpe.config import parse_options
 
 __all__ = ["build_parser", "class_names_for", "main", "predict"]
 
@@ -99,16 +86,21 @@ def _load_image(path: Path) -> Image.Image:
         raise CLIError(f"cannot read image '{path}': {err}") from None
 
 
-def predict(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    """Run the programme for parsed options ``args`` (see the module docstring)."""
-    from detr_irpe.checkpoint import load_checkpoint, read_checkpoint
+def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
+    """Run the programme for parsed options ``args`` (see the module docstring); ``given``
+    names the options set on the command line: those win over the checkpoint's."""
+    import torch
+
+    from detr_irpe.atomic import write_json
+    from detr_irpe.checkpoint import model_from_checkpoint
+    from detr_irpe.config import prepare_options
     from detr_irpe.data.transforms import make_transforms
-    from detr_irpe.models import build_model
+    from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
+    from detr_irpe.utils.logging import setup_logging
     from detr_irpe.visualize import draw_detections
 
-    args = complete_args(args)
+    args = prepare_options(args, needs_data=False)
     setup_logging(0)
-    device = resolve_device(args)
     if not args.output_dir:
         raise CLIError("--output_dir is required: where the PNG files are written")
     if not 0.0 <= args.threshold <= 1.0:
@@ -117,25 +109,13 @@ def predict(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise CLIError(f"image file(s) not found: {', '.join(missing)}")
-    path = locate_checkpoint(args.checkpoint)
 
-    state = read_checkpoint(path)
-    explicit = explicit_options(build_parser, argv, MODEL_OPTIONS)
-    args = complete_args(merge_checkpoint_args(args, state, explicit))
-    check_model_options(args)
-    class_names = class_names_for(state, args.coco_path)
-
-    build_args = argparse.Namespace(**vars(args))
-    build_args.backbone_weights = "none"  # the checkpoint holds the backbone
-    model, _criterion, postprocessors = build_model(build_args)
-    try:
-        load_checkpoint(state, model)
-    except RuntimeError as err:
-        raise CLIError(
-            f"{path} does not fit the model built from its options ({err}); give the model "
-            "options it was trained with (e.g. --enc_rpe2d, --num_classes)"
-        ) from None
-    model.to(device).eval()
+    loaded = model_from_checkpoint(
+        args.checkpoint, {name: getattr(args, name) for name in given}, base=args
+    )
+    args, model, postprocessors = loaded.args, loaded.model, loaded.postprocessors
+    device = torch.device(args.device)
+    class_names = class_names_for(loaded.checkpoint, args.coco_path)
     transform = make_transforms("val", args)
 
     output_dir = Path(args.output_dir)
@@ -179,8 +159,8 @@ def predict(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``detr-irpe-predict``; returns the exit status."""
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    return run_cli(PROG, lambda: predict(args, argv))
+    args, given = parse_options(build_parser(), argv)
+    return run_cli(PROG, lambda: predict(args, given))
 
 
 if __name__ == "__main__":

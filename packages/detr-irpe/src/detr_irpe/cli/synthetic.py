@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from detr_irpe.cli.common import CLIError, run_cli
+from detr_irpe.cli.errors import CLIError, run_cli
 from detr_irpe.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_synthetic_coco
 from detr_irpe.utils.logging import setup_logging
 

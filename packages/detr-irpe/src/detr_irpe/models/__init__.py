@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from detr_irpe.config import complete_args
+from detr_irpe.config import check_model_options, complete_args, is_complete
 from detr_irpe.models.backbone import Backbone, Joiner, build_backbone, feature_map_size
 from detr_irpe.models.criterion import SetCriterion, build_weight_dict
 from detr_irpe.models.detr import DETR, MLP
@@ -80,28 +80,19 @@ def build_model(
     """``(model, criterion, {'bbox': PostProcess()})`` for the options in ``args``.
 
     ``args`` may hold exactly the attributes of the original ``main.py``; options added by this
-    package take their defaults (:func:`detr_irpe.config.complete_args`). Modules are created in
+    package take their defaults (:func:`detr_irpe.config.complete_args`); options that cannot
+    build a model raise :class:`detr_irpe.config.OptionError`. Modules are created in
     the original's order (position encoding, backbone, transformer, heads) so a seeded build
     draws the same random numbers. Nothing is downloaded unless ``backbone_weights`` is
     ``'imagenet'`` and the weights are not cached. The model stays on the CPU; the criterion
     is moved to ``args.device`` when that device exists.
     """
-    args = complete_args(args)
-    if args.masks:
-        raise NotImplementedError(
-            "--masks (the DETR segmentation head) is not supported by detr-irpe; train the "
-            "detector without --masks"
-        )
+    if not is_complete(args):
+        args = complete_args(args)
+    check_model_options(args)
     num_classes = (
         args.num_classes if args.num_classes is not None else default_num_classes(args.dataset_file)
     )
-    if num_classes < 1:
-        raise ValueError(f"--num_classes must be at least 1, got {num_classes}")
-    if args.dec_layers < 1 or args.enc_layers < 0:
-        raise ValueError(
-            f"need at least one decoder layer and no negative encoder layers; got "
-            f"--enc_layers {args.enc_layers} --dec_layers {args.dec_layers}"
-        )
 
     backbone = build_backbone(args)
     transformer = build_transformer(args)

@@ -25,6 +25,7 @@ from detr_irpe.nested_tensor import NestedTensor
 __all__ = [
     "SUPPORTED_BACKBONES",
     "Backbone",
+    "BackboneWeightsError",
     "Joiner",
     "build_backbone",
     "feature_map_size",
@@ -65,6 +66,16 @@ IMAGENET_WEIGHTS = "imagenet"
 NO_WEIGHTS = "none"
 
 
+class BackboneWeightsError(RuntimeError, ValueError):
+    """``--backbone_weights`` cannot be obtained, read or loaded (a user error, shown as one
+    line; a ``ValueError`` for what is wrong with the file, a ``RuntimeError`` for the rest)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def feature_map_size(height: int, width: int, dilation: bool = False) -> tuple[int, int]:
     """``(h, w)`` of the backbone output for a padded input of ``height x width`` pixels.
 
@@ -84,12 +95,12 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
             weights.url, map_location="cpu", progress=False, check_hash=True, weights_only=True
         )
     except Exception as error:
-        raise RuntimeError(
+        raise BackboneWeightsError(
             f"could not obtain the ImageNet weights of {name} from {weights.url} "
-            f"(cache: {torch.hub.get_dir()}): {error}. Without network access, train from "
-            f"scratch with --backbone_weights {NO_WEIGHTS}, or pass the path of a local "
-            "torchvision-format state dict with --backbone_weights PATH"
-        ) from error
+            f"(cache: {torch.hub.get_dir()}): {_first_line(error)}. Without network access, "
+            f"train from scratch with --backbone_weights {NO_WEIGHTS}, or pass the path of a "
+            "local torchvision-format state dict with --backbone_weights PATH"
+        ) from None
 
 
 def _read_state_dict_file(path: str) -> dict[str, Tensor]:
@@ -101,13 +112,17 @@ def _read_state_dict_file(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"cannot read backbone weights {path}: {error}") from error
+        raise BackboneWeightsError(
+            f"--backbone_weights {path}: not a readable PyTorch state dict ({_first_line(error)})"
+        ) from None
     # Accept the common wrappers around a bare state dict.
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights {path} do not hold a state dict of tensors")
+        raise BackboneWeightsError(
+            f"--backbone_weights {path} does not hold a state dict of tensors"
+        )
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module.") :]: value for key, value in state.items()}
     return dict(state)
@@ -128,7 +143,7 @@ def load_backbone_weights(resnet: nn.Module, state: Mapping[str, Tensor], source
         if k in given and given[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise BackboneWeightsError(
             f"backbone weights {source} do not fit the ResNet: "
             f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:8]}, {len(mismatched)} shape mismatches {mismatched[:8]}"
@@ -241,6 +256,6 @@ def build_backbone(args: argparse.Namespace) -> Joiner:
         return_interm_layers=bool(args.masks),
         dilation=bool(args.dilation),
         weights=args.backbone_weights,
-        norm=getattr(args, "backbone_norm", "frozen"),
+        norm=args.backbone_norm,
     )
     return Joiner(backbone, position_embedding)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from detr_irpe.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detr_irpe.models.matcher import HungarianMatcher
+from detr_irpe.models.outputs import as_float32
 
 __all__ = ["DEFAULT_LOSSES", "SetCriterion", "build_weight_dict", "top1_error"]
 
@@ -124,7 +125,7 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """``loss_ce``: weighted cross-entropy over all ``N*Q`` queries (unmatched ones target
         "no object", weighted ``eos_coef``); ``class_error`` (with ``log``)."""
-        src_logits = outputs["pred_logits"].float()
+        src_logits = outputs["pred_logits"]
         idx = self._src_permutation_idx(indices)
         target_classes_o = torch.cat(
             [t["labels"][tgt] for t, (_, tgt) in zip(targets, indices, strict=True)]
@@ -172,7 +173,7 @@ class SetCriterion(nn.Module):
         """``loss_bbox``: L1 distance of matched normalised cxcywh boxes / ``num_boxes``;
         ``loss_giou``: ``sum(1 - GIoU) / num_boxes``."""
         idx = self._src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][idx].float()
+        src_boxes = outputs["pred_boxes"][idx]
         target_boxes = torch.cat(
             [t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices, strict=True)], dim=0
         ).to(src_boxes)
@@ -205,10 +206,13 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: the model's dict (``pred_logits (N, Q, C+1)``, ``pred_boxes (N, Q, 4)``,
-                optional ``aux_outputs``).
+                optional ``aux_outputs``), any floating dtype: cast to float32 once here
+                (:func:`~detr_irpe.models.outputs.as_float32`), so the losses and the
+                matching run in float32 under ``--amp`` too.
             targets: ``N`` dicts with ``labels (n_b,)`` and ``boxes (n_b, 4)`` normalised cxcywh.
         """
-        device = outputs["pred_logits"].device  # type: ignore[union-attr]
+        outputs = as_float32(outputs)
+        device = outputs["pred_logits"].device
         with torch.autocast(device.type, enabled=False):
             outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
             indices = self.matcher(outputs_without_aux, targets)

@@ -10,6 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from detr_irpe.models.box_ops import box_cxcywh_to_xyxy, check_boxes_xyxy, generalized_box_iou
+from detr_irpe.models.outputs import as_float32
 
 __all__ = ["HungarianMatcher", "build_matcher", "validate_targets"]
 
@@ -37,7 +38,8 @@ class HungarianMatcher(nn.Module):
     ) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
-            outputs: ``pred_logits (N, Q, C+1)`` and ``pred_boxes (N, Q, 4)`` (cxcywh).
+            outputs: ``pred_logits (N, Q, C+1)`` and ``pred_boxes (N, Q, 4)`` (cxcywh), any
+                floating dtype (matched in float32, see :mod:`detr_irpe.models.outputs`).
             targets: ``N`` dicts with ``labels (n_b,)`` int64 in ``[0, C)`` and
                 ``boxes (n_b, 4)`` normalised cxcywh.
 
@@ -45,8 +47,8 @@ class HungarianMatcher(nn.Module):
             per image ``(pred_idx, gt_idx)``, int64 CPU tensors of length ``min(Q, n_b)``,
             ``pred_idx`` ascending.
         """
-        pred_logits = outputs["pred_logits"]
-        pred_boxes = outputs["pred_boxes"]
+        pred_logits = as_float32(outputs["pred_logits"])
+        pred_boxes = as_float32(outputs["pred_boxes"])
         bs, num_queries, num_logits = pred_logits.shape
         if len(targets) != bs:
             raise ValueError(f"the matcher got {len(targets)} target dicts for {bs} images")
@@ -68,8 +70,8 @@ class HungarianMatcher(nn.Module):
             return [(empty, empty) for _ in targets]
 
         with torch.autocast(pred_logits.device.type, enabled=False):
-            out_prob = pred_logits.flatten(0, 1).float().softmax(-1)  # (N*Q, C+1)
-            out_bbox = pred_boxes.flatten(0, 1).float()  # (N*Q, 4)
+            out_prob = pred_logits.flatten(0, 1).softmax(-1)  # (N*Q, C+1)
+            out_bbox = pred_boxes.flatten(0, 1)  # (N*Q, 4)
             tgt_ids = torch.cat([t["labels"] for t in targets]).to(out_prob.device)
             tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox)
             out_xyxy = box_cxcywh_to_xyxy(out_bbox)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_irpe.models.box_ops import box_cxcywh_to_xyxy
+from detr_irpe.models.outputs import as_float32
 
 __all__ = ["PostProcess"]
 
@@ -43,9 +44,9 @@ class PostProcess(nn.Module):
             raise ValueError(
                 f"{len(target_sizes)} target sizes for a batch of {len(out_logits)} images"
             )
-        prob = out_logits.float().softmax(-1)
+        prob = as_float32(out_logits).softmax(-1)
         scores, labels = prob[..., :-1].max(-1)
-        boxes = box_cxcywh_to_xyxy(out_bbox.float())
+        boxes = box_cxcywh_to_xyxy(as_float32(out_bbox))
         img_h, img_w = target_sizes.to(boxes).unbind(1)
         scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
         boxes = boxes * scale_fct[:, None, :]

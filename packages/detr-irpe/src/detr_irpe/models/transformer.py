@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ __all__ = [
     "TransformerEncoder",
     "TransformerEncoderLayer",
     "build_transformer",
+    "encoder_rpe_config",
 ]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -255,6 +258,19 @@ class TransformerDecoder(nn.Module):
         return output.unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=32)
+def encoder_rpe_config(enc_rpe2d: str) -> Any:
+    """The iRPE configuration of an ``--enc_rpe2d`` string (``None`` for ``''``).
+
+    Parsed once per string (the programmes check the option at their boundary, the model is
+    built from it later): the result is shared, so treat it as read-only.
+
+    Raises:
+        ValueError: a malformed string, naming the bad field.
+    """
+    return irpe_nn.parse_rpe_spec(enc_rpe2d)
+
+
 class Transformer(nn.Module):
     """Encoder (iRPE self-attention) + decoder with learned queries.
 
@@ -281,7 +297,7 @@ class Transformer(nn.Module):
         if d_model % nhead != 0:
             raise ValueError(f"hidden_dim {d_model} is not divisible by nheads {nhead}")
         self.enc_rpe2d = enc_rpe2d
-        rpe_config = irpe_nn.parse_rpe_spec(enc_rpe2d)
+        rpe_config = encoder_rpe_config(enc_rpe2d)
         encoder_layer = TransformerEncoderLayer(
             d_model, nhead, dim_feedforward, dropout, activation, normalize_before, rpe_config
         )
