@@ -1,4 +1,4 @@
-"""RPEMultiheadAttention against the float64 spec reference, both backends."""
+"""RPEMultiheadAttention against the naive float64 reference, both backends."""
 
 from __future__ import annotations
 

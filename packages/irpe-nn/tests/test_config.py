@@ -1,4 +1,5 @@
-"""Configs and the rpe-... string (spec irpe.md §1, §9), with our stricter errors."""
+"""Configs and the rpe-... string (docs/layers.md, 'The rpe-… string'), with our stricter
+errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from irpe_nn import (
     parse_rpe_spec,
 )
 
-# Spec §1.1 (ratio -> product buckets, per-axis buckets).
+# ratio -> (product buckets S², per-axis buckets S), S = 2*int(2*ratio) + 1.
 BUCKETS = {1.9: (49, 7), 2.0: (81, 9), 2.5: (121, 11), 3.0: (169, 13)}
 
 

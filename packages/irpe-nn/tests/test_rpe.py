@@ -1,4 +1,4 @@
-"""iRPE / iRPE_Cross modules on their own (spec irpe.md §7)."""
+"""iRPE / iRPE_Cross modules on their own."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-head attention with iRPE (spec irpe.md §8): a drop-in for the original's
+"""Multi-head attention with iRPE: a drop-in for the original's
 ``RPEMultiheadAttention``, with its parameter names, initialisation and forward semantics."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """iRPE configuration objects and the ``rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}``
-string (spec irpe.md §1 and §9)."""
+string (see docs/layers.md, 'The rpe-… string')."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ iRPE string format: rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}
 
 @dataclasses.dataclass(frozen=True)
 class SingleRPEConfig:
-    """Configuration of one iRPE table set (the original's single config, spec §1.3)."""
+    """Configuration of one iRPE table set (the original's single-table config)."""
 
     shared_head: bool
     """One table for all heads (``True``) or one per head."""
@@ -100,7 +100,8 @@ def get_single_rpe_config(
     skip: int = 0,
 ) -> SingleRPEConfig:
     """One table-set config: ``alpha, beta, gamma = ratio, 2*ratio, 8*ratio`` and the bucket
-    count of spec §1.1 (plus one bucket shared by all skip tokens when ``skip > 0``).
+    count ``S = 2*int(2*ratio) + 1`` per axis (``S²`` for product, ``S`` otherwise), plus one
+    bucket shared by all skip tokens when ``skip > 0``.
 
     Raises:
         ValueError: naming ``ratio``, ``method``, ``mode`` or ``skip`` when it is invalid.

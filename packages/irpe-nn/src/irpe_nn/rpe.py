@@ -1,4 +1,4 @@
-"""The iRPE modules: learned lookup tables indexed by bucket ids (spec irpe.md §7)."""
+"""The iRPE modules: learned lookup tables indexed by bucket ids."""
 
 from __future__ import annotations
 
