@@ -291,10 +291,11 @@ class RPEMultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = F.pad(key_padding_mask, (0, 1))
 
-        # (L, N, E) -> (N*nh, L, D), batch-major: row b*nh + h is head h of sample b.
+        # (L, N, E) -> (N*nh, L, D), batch-major: row b*nh + h is head h of sample b. Explicit
+        # lengths (no -1), so that an empty batch (N = 0) reshapes too.
         q = q.contiguous().view(Lq, B * nh, D).transpose(0, 1)
-        k = k.contiguous().view(-1, B * nh, D).transpose(0, 1)
-        v = v.contiguous().view(-1, B * nh, D).transpose(0, 1)
+        k = k.contiguous().view(k.shape[0], B * nh, D).transpose(0, 1)
+        v = v.contiguous().view(v.shape[0], B * nh, D).transpose(0, 1)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(B * nh, 1, D)], dim=1)
             v = torch.cat([v, v.new_zeros(B * nh, 1, D)], dim=1)
@@ -308,7 +309,7 @@ class RPEMultiheadAttention(nn.Module):
         q4, k4, v4 = q.view(B, nh, Lq, D), k.view(B, nh, Lk, D), v.view(B, nh, Lk, D)
         logits = self._logits(q4, k4, grid)
         if attn_mask is not None:
-            attn_mask = attn_mask.view(-1, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask
+            attn_mask = attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask
             if attn_mask.dtype == torch.bool:
                 logits.masked_fill_(attn_mask, float("-inf"))
             else:
