@@ -41,7 +41,8 @@ class RPEMultiheadAttention(nn.Module):
         add_zero_attn: append a zero key/value (not with iRPE).
         kdim, vdim: feature sizes of key and value (default ``E``).
         rpe_config: an :class:`~irpe_nn.RPEConfig` (e.g. from
-            :func:`~irpe_nn.parse_rpe_spec`) or ``None``.
+            :func:`~irpe_nn.parse_rpe_spec`), an ``rpe-…`` string such as
+            ``"rpe-2.0-product-ctx-1-k"`` (parsed with ``skip=0``), or ``None``.
     """
 
     def __init__(
