@@ -1,6 +1,7 @@
-"""Naive references written from spec irpe.md §2–§8: per-element Python math for the
-piecewise function and bucket ids, float64 einsum / advanced indexing (with the full
-``(H, L, L, D)`` value term) for the attention. Deliberately independent of irpe_nn's code."""
+"""Naive references written from the rules in docs/layers.md ('Bucket ids', 'Attention'):
+per-element Python math for the piecewise function and bucket ids, float64 einsum / advanced
+indexing (with the full ``(H, L, L, D)`` value term) for the attention. Deliberately
+independent of irpe_nn's code."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def coefficients(ratio: float) -> tuple[float, float, float]:
 
 
 def g_ref(x: float, alpha: float, beta: float, gamma: float, integer: bool) -> int:
-    """Spec §2 for one value (round half to even = Python's round on floats)."""
+    """The piecewise function g for one value (round half to even = Python's round on floats)."""
     if abs(x) <= alpha:
         return int(x) if integer else round(x)
     t = alpha + math.log(abs(x) / alpha) / math.log(gamma / alpha) * (beta - alpha)
@@ -32,7 +33,7 @@ def num_buckets_ref(method: int, ratio: float, skip: int = 0) -> int:
 
 
 def bucket_ids_ref(method: int, height: int, width: int, skip: int, ratio: float) -> torch.Tensor:
-    """``(skip + h*w, skip + h*w)`` int64 ids by a loop over every token pair (spec §3–§5)."""
+    """``(skip + h*w, skip + h*w)`` int64 ids by a loop over every token pair."""
     alpha, beta, gamma = coefficients(ratio)
     beta_int = int(beta)
     side = 2 * beta_int + 1
@@ -104,7 +105,8 @@ def attention_ref(
     method: int,
     ratio: float,
 ):
-    """Spec §8 in float64, eval mode (no dropout), self-attention with all q/k/v dims = E.
+    """The attention of docs/layers.md ('Attention') in float64, eval mode (no dropout),
+    self-attention with all q/k/v dims = E.
 
     Returns ``(out (L, N, E), head-averaged weights (N, L, L))``.
     """

@@ -1,4 +1,4 @@
-"""RPEMultiheadAttention against the float64 spec reference, both backends."""
+"""RPEMultiheadAttention against the naive float64 reference, both backends."""
 
 from __future__ import annotations
 
@@ -204,3 +204,25 @@ def test_dropout_feeds_rpe_v_and_weights(backend_name):
     per_head = out.reshape(12, 2, 2, 4).mean(dim=2).permute(1, 0, 2)  # (N, L, D)
     expected = torch.einsum("nij,ijd->nid", weights, table[ids])
     torch.testing.assert_close(per_head, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spec", ["rpe-2.0-product-ctx-1-qkv", "rpe-2.0-euc-bias-0-qk", "rpe-1.9-cross-ctx-0-qkv", ""]
+)
+def test_empty_batch_like_torch_multihead_attention(backend_name, spec):
+    """N = 0: empty outputs of the right shapes and a working backward, as nn.MultiheadAttention."""
+    layer = make_layer(spec, skip=1).train()  # dropout on: every path of the forward
+    ref = torch.nn.MultiheadAttention(8, 2, dropout=0.1).double()
+    query = torch.randn(13, 0, 8, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(13, 0, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(0, 13, dtype=torch.bool)
+    attn_mask = torch.zeros(0, 13, 13, dtype=torch.bool)  # (N*nh, L, L)
+    out, weights = layer(query, query, value, key_padding_mask=mask, attn_mask=attn_mask, hw=(3, 4))
+    ref_out, ref_weights = ref(query, query, value, key_padding_mask=mask, attn_mask=attn_mask)
+    assert out.shape == ref_out.shape == (13, 0, 8)
+    assert weights.shape == ref_weights.shape == (0, 13, 13)
+    assert layer(query, query, value, need_weights=False, hw=(3, 4))[1] is None
+    (out.sum() + weights.sum()).backward()
+    assert query.grad.shape == query.shape and value.grad.shape == value.shape
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name

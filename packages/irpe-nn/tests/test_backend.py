@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 import pytest
 import torch
@@ -89,3 +90,42 @@ def test_fallback_ops_match_definitions():
                     torch.testing.assert_close(
                         sums[b, h, i, k], torch.as_tensor(want, dtype=torch.float64)
                     )
+
+
+def _records(caplog) -> list[tuple[int, str]]:
+    name = backend_module.__name__
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == name]
+
+
+def test_missing_ops_are_logged_at_debug_only(monkeypatch, caplog):
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(backend_module, "_warned_broken_ops", False)
+    with caplog.at_level(logging.DEBUG, logger=backend_module.__name__):
+        assert backend_module._import_ops(missing) is None
+    records = _records(caplog)
+    assert records and all(level == logging.DEBUG for level, _ in records)
+    assert "not installed" in records[0][1]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ImportError("irpe_ops: ... built against torch 2.13.0, running torch 2.14.1 ..."),
+        ModuleNotFoundError("No module named 'irpe_ops._C'", name="irpe_ops._C"),
+        OSError("libc10.so: cannot open shared object file"),
+    ],
+)
+def test_installed_but_broken_ops_warn_once(monkeypatch, caplog, error):
+    def broken(name):
+        raise error
+
+    monkeypatch.setattr(backend_module, "_warned_broken_ops", False)
+    with caplog.at_level(logging.DEBUG, logger=backend_module.__name__):
+        assert backend_module._import_ops(broken) is None
+        assert backend_module._import_ops(broken) is None
+    warnings = [message for level, message in _records(caplog) if level == logging.WARNING]
+    assert len(warnings) == 1
+    assert "installed but failed to import" in warnings[0]
+    assert "PyTorch fallback" in warnings[0] and str(error) in warnings[0]

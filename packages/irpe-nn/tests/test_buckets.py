@@ -1,5 +1,5 @@
-"""get_bucket_ids_2d against the spec's worked examples (§4.1, §4.2, §5) and a naive
-per-pair reference."""
+"""get_bucket_ids_2d against worked examples of the rules in docs/layers.md ('Bucket ids':
+centre query of a 13x13 grid, a full 3x3 table, skip tokens) and a naive per-pair reference."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ PRODUCT_SKIP2_2X2 = """
 81 81 50 49 41 40
 """
 
-# Spec §4.1: level g (id - βi) for euc and quant as a function of d² = Δr² + Δc².
+# Level g (id - int(beta)) for euc and quant as a function of d² = Δr² + Δc².
 D2 = [0, 1, 2, 4, 5, 8, 9, 10, 13, 16, 17, 18, 20, 25, 26, 29, 32, 34, 36, 37, 40, 41, 45, 49, 50]
 LEVELS = {
     ("euc", 1.9): "0 1 1 2 2 2 2 2 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3",
@@ -131,13 +131,14 @@ def test_matches_naive_reference(method, ratio, height, width, skip):
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("method", [EUC, QUANT, PRODUCT, CROSS_ROWS])
 def test_every_index_dtype(method, dtype):
-    """quant with int32 ids fails in the original (spec §12.2); here every dtype works."""
+    """quant with int32 ids fails in the original (docs/layers.md, 'Where we differ from the
+    original'); here every dtype works."""
     ids, _ = get_bucket_ids_2d(method, 6, 5, 1, *coefficients(2.0), dtype=dtype)
     assert ids.dtype == dtype
     assert torch.equal(ids.long(), bucket_ids_ref(method, 6, 5, 1, 2.0))
 
 
-USED_IDS_20X20 = {  # spec §4 "used ids for a large grid" (20x20 reaches every level)
+USED_IDS_20X20 = {  # (lowest, highest) id used; 20x20 reaches every level
     1.9: {EUC: (3, 6), QUANT: (3, 6), CROSS_ROWS: (0, 6), PRODUCT: (0, 48)},
     2.0: {EUC: (4, 8), QUANT: (4, 8), CROSS_ROWS: (0, 8), PRODUCT: (0, 80)},
     2.5: {EUC: (5, 10), QUANT: (5, 10), CROSS_ROWS: (0, 10), PRODUCT: (0, 120)},

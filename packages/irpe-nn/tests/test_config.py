@@ -1,6 +1,10 @@
-"""Configs and the rpe-... string (spec irpe.md §1, §9), with our stricter errors."""
+"""Configs and the rpe-... string (docs/layers.md, 'The rpe-… string'), with our stricter
+errors."""
 
 from __future__ import annotations
+
+import math
+import random
 
 import pytest
 
@@ -12,8 +16,9 @@ from irpe_nn import (
     get_single_rpe_config,
     parse_rpe_spec,
 )
+from irpe_nn.config import MAX_BUCKETS_PER_AXIS
 
-# Spec §1.1 (ratio -> product buckets, per-axis buckets).
+# ratio -> (product buckets S², per-axis buckets S), S = 2*int(2*ratio) + 1.
 BUCKETS = {1.9: (49, 7), 2.0: (81, 9), 2.5: (121, 11), 3.0: (169, 13)}
 
 
@@ -114,3 +119,100 @@ def test_method_errors_list_choices():
         get_single_rpe_config(skip=-1)
     with pytest.raises(ValueError, match="expected a string"):
         parse_rpe_spec(2.0)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "method", "count"),
+    [
+        (64, "product", "66049"),
+        (1e4, "product", "1600080001"),
+        (1e4, "euc", "40001"),
+        (1e9, "cross", "4000000001"),
+        (1e300, "quant", "4e+300"),
+    ],
+)
+def test_huge_ratios_name_the_bucket_count_and_the_maximum(ratio, method, count):
+    for build in (
+        lambda: get_single_rpe_config(ratio, method),
+        lambda: get_rpe_config(ratio, method),
+        lambda: parse_rpe_spec(f"rpe-{ratio!r}-{method}-ctx-1-k"),
+    ):
+        with pytest.raises(ValueError, match="ratio") as info:
+            build()
+        message = str(info.value)
+        assert f"gives {count} buckets" in message
+        assert "at most 255 per axis" in message and "ratio < 64" in message
+
+
+def test_the_largest_ratio_allowed():
+    assert MAX_BUCKETS_PER_AXIS == 255
+    assert get_single_rpe_config(63.99, "product").num_buckets == 255 * 255
+    assert get_single_rpe_config(63.99, "euc", skip=1).num_buckets == 255 + 1
+
+
+@pytest.mark.parametrize("ratio", [math.nan, math.inf, -math.inf, 0.0, -1.0, -1e-300])
+def test_non_finite_and_non_positive_ratios(ratio):
+    with pytest.raises(ValueError, match="ratio: must be a finite number > 0"):
+        get_single_rpe_config(ratio)
+    # A negative ratio cannot even be written in the string: its '-' adds a field.
+    match = "ratio: must be a finite number > 0" if not ratio < 0 else "expected 6 fields"
+    with pytest.raises(ValueError, match=match):
+        parse_rpe_spec(f"rpe-{ratio!r}-product-ctx-1-k")
+
+
+_VALID = [
+    "rpe-2.0-product-ctx-1-k",
+    "rpe-1.9-euc-bias-0-qk",
+    "rpe-2.5-quant-contextual-1-qkv",
+    "rpe-3.0-cross-ctx-0-v",
+]
+_ALPHABET = "rpe-.0123456789eE+_ xqkvbiasctxproducteucquantcross\x00\u0661\u00e9-"
+_RATIOS = ["1e4", "1e9", "1e999", "-1", "0", "nan", "inf", "63.99", "64", "1e-320", "1_0", "0x1"]
+
+
+def _mutate(spec: str, rng: random.Random) -> str:
+    fields = spec.split("-")
+    kind = rng.randrange(7)
+    if kind == 0 and spec:  # delete a character
+        i = rng.randrange(len(spec))
+        return spec[:i] + spec[i + 1 :]
+    if kind == 1:  # insert a character
+        i = rng.randrange(len(spec) + 1)
+        return spec[:i] + rng.choice(_ALPHABET) + spec[i:]
+    if kind == 2 and spec:  # replace a character
+        i = rng.randrange(len(spec))
+        return spec[:i] + rng.choice(_ALPHABET) + spec[i + 1 :]
+    if kind == 3:  # another ratio
+        fields[1 % len(fields)] = rng.choice(_RATIOS)
+    elif kind == 4 and len(fields) > 1:  # swap two fields
+        i, j = rng.sample(range(len(fields)), 2)
+        fields[i], fields[j] = fields[j], fields[i]
+    elif kind == 5:  # drop or duplicate a field
+        i = rng.randrange(len(fields))
+        drop = rng.random() < 0.5
+        fields = fields[:i] + fields[i + 1 :] if drop else fields[: i + 1] + fields[i:]
+    else:  # change the case
+        return spec.upper() if rng.random() < 0.5 else spec.swapcase()
+    return "-".join(fields)
+
+
+def test_fuzzed_specs_parse_or_raise_value_error():
+    """Random mutations of valid strings: a config or ValueError, never another exception."""
+    rng = random.Random(20240601)
+    parsed = 0
+    for case in range(400):
+        spec = rng.choice(_VALID)
+        for _ in range(rng.randint(1, 3)):
+            spec = _mutate(spec, rng)
+        try:
+            config = parse_rpe_spec(spec, skip=rng.choice([0, 2]))
+        except ValueError:
+            continue
+        except Exception as exc:  # pragma: no cover - the failure report
+            pytest.fail(f"case {case}: {spec!r} raised {type(exc).__name__}: {exc}")
+        parsed += 1
+        assert config is None or isinstance(config, RPEConfig)
+        for single in (config.rpe_q, config.rpe_k, config.rpe_v) if config else ():
+            if single is not None:
+                assert 1 <= single.num_buckets <= MAX_BUCKETS_PER_AXIS**2 + 1
+    assert 0 < parsed < 400  # both outcomes were exercised

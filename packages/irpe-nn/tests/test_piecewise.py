@@ -1,4 +1,5 @@
-"""piecewise_index against spec irpe.md §2 (tables and a per-element reference)."""
+"""piecewise_index against the definition of g (docs/layers.md, 'Bucket ids'): level tables
+and a per-element reference."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from irpe_nn import piecewise_index
 
 RATIOS = [0.5, 1.0, 1.5, 1.9, 2.0, 2.2, 2.5, 3.0, 4.0]
 
-# Spec §2.1: the first x >= 0 reaching each level g = 0, 1, 2, ...
+# The first x >= 0 reaching each level g = 0, 1, 2, ...
 LEVEL_STARTS = {
     1.9: [0, 1, 2, 4],
     2.0: [0, 1, 2, 4, 10],
@@ -28,7 +29,7 @@ def expected_level(ratio: float, x: int) -> int:
 
 
 @pytest.mark.parametrize("ratio", sorted(LEVEL_STARTS))
-def test_spec_level_table(ratio):
+def test_level_table(ratio):
     x = torch.arange(-40, 41)
     got = piecewise_index(x, *coefficients(ratio), dtype=torch.long)
     assert got.tolist() == [expected_level(ratio, int(v)) for v in x]
@@ -66,7 +67,7 @@ def test_clip_at_beta_then_truncate():
 @pytest.mark.parametrize("in_dtype", [torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("out_dtype", [torch.int16, torch.int32, torch.int64])
 def test_every_integer_dtype_combination(in_dtype, out_dtype):
-    """The original fails when an integer input dtype differs from ``dtype`` (spec §2)."""
+    """The original fails when an integer input dtype differs from ``dtype``."""
     x = torch.arange(-200, 201, dtype=in_dtype)
     got = piecewise_index(x, 2.0, 4.0, 16.0, dtype=out_dtype)
     assert got.dtype == out_dtype

@@ -1,4 +1,4 @@
-"""iRPE / iRPE_Cross modules on their own (spec irpe.md §7)."""
+"""iRPE / iRPE_Cross modules on their own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import pytest
 import torch
 from reference import CROSS_COLS, CROSS_ROWS, bucket_ids_ref
 
-from irpe_nn import METHOD, build_rpe, get_rpe_config, iRPE, iRPE_Cross
+from irpe_nn import (
+    METHOD,
+    RPEMultiheadAttention,
+    build_rpe,
+    get_rpe_config,
+    iRPE,
+    iRPE_Cross,
+    parse_rpe_spec,
+)
 
 
 def module(mode="contextual", method=METHOD.PRODUCT, transposed=True, heads=2, skip=0):
@@ -151,3 +159,30 @@ def test_forward_errors():
         rpe(torch.randn(2, 12, 4, dtype=torch.float64), 3, 4)
     with pytest.raises(ValueError, match="square attention weights"):
         module(transposed=False)(torch.randn(1, 2, 12, 13, dtype=torch.float64), 3, 4)
+
+
+def test_build_rpe_accepts_an_rpe_string():
+    from_string = build_rpe("rpe-2.0-cross-bias-0-qk", head_dim=4, num_heads=2)
+    from_config = build_rpe(parse_rpe_spec("rpe-2.0-cross-bias-0-qk"), head_dim=4, num_heads=2)
+    for got, want in zip(from_string, from_config, strict=True):
+        assert type(got) is type(want)
+        if want is not None:
+            assert got.rpe_config == want.rpe_config
+            assert [p.shape for p in got.parameters()] == [p.shape for p in want.parameters()]
+    assert tuple(build_rpe("", head_dim=4, num_heads=2)) == (None, None, None)
+    with pytest.raises(ValueError, match="method: unknown name 'prod'"):
+        build_rpe("rpe-2.0-prod-ctx-1-k", head_dim=4, num_heads=2)
+    with pytest.raises(TypeError, match="rpe_config: expected an RPEConfig"):
+        build_rpe(2.0, head_dim=4, num_heads=2)
+
+
+def test_attention_accepts_an_rpe_string():
+    torch.manual_seed(0)
+    from_string = RPEMultiheadAttention(8, 2, rpe_config="rpe-2.0-product-ctx-1-k")
+    torch.manual_seed(0)
+    from_config = RPEMultiheadAttention(8, 2, rpe_config=parse_rpe_spec("rpe-2.0-product-ctx-1-k"))
+    got, want = from_string.state_dict(), from_config.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[key], want[key]) for key in want)
+    assert from_string.rpe_k.rpe_config == parse_rpe_spec("rpe-2.0-product-ctx-1-k").rpe_k
+    assert not RPEMultiheadAttention(8, 2, rpe_config="").has_rpe

@@ -1,5 +1,5 @@
-"""Parameter names, shapes, order and initialisation as the original (irpe.md §8,
-detr-irpe.md §3.2), so its state dicts load unchanged."""
+"""Parameter names, shapes, order and initialisation as the original (PyTorch 1.7's
+nn.MultiheadAttention plus rpe_q/rpe_k/rpe_v), so its state dicts load unchanged."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BASE = [
     ("out_proj.bias", (256,)),
 ]
 
-# detr-irpe.md §3.2 (hidden 256, 8 heads, D 32).
+# DETR's encoder layers: hidden 256, 8 heads, head dim D = 32.
 RPE_KEYS = {
     "": [],
     "rpe-2.0-product-ctx-1-k": [("rpe_k.lookup_table_weight", (1, 32, 81))],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -46,11 +48,12 @@ def test_public_names() -> None:
         "__version__",
         "build_info",
         "bucket_sum",
-        "cached_bytes",
         "cuda_built",
-        "empty_cache",
         "rpe_index",
     }
+    # The CPU output cache is an internal detail, reachable only through private names.
+    assert not hasattr(irpe_ops, "empty_cache") and not hasattr(irpe_ops, "cached_bytes")
+    assert callable(irpe_ops._empty_cache) and callable(irpe_ops._cached_bytes)
 
 
 def _info(**overrides: object) -> dict[str, object]:
@@ -78,3 +81,69 @@ def test_loader_refuses_a_stale_build() -> None:
         match=re.escape("extension is version 0.0.9 but the installed package is 0.1.0"),
     ):
         _library.check_build(_info(version="0.0.9"), "0.1.0")
+
+
+_TOOLS = "pip install scikit-build-core pybind11 cmake ninja"
+_REBUILD = "pip install --no-build-isolation ./packages/irpe-ops"
+
+
+def test_another_torch_minor_names_both_versions_and_a_rebuild_command() -> None:
+    major, minor = torch.__version__.split(".")[:2]
+    other = f"{major}.{int(minor) + 1}.0+cpu"
+    with pytest.raises(ImportError) as caught:
+        _library.check_build(_info(torch_version=other), "0.1.0")
+    message = str(caught.value)
+    assert f"built against torch {other}" in message
+    assert f"running torch {torch.__version__}" in message
+    assert _TOOLS in message and _REBUILD in message
+
+
+def _failing_import() -> None:
+    raise ImportError("_C.so: undefined symbol: _ZN3c1017SomethingFromAnotherTorch")
+
+
+def test_a_binary_that_cannot_load_names_both_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_library, "_import_extension", _failing_import)
+    monkeypatch.setattr(_library, "_built_torch_version", lambda: "2.13.0+cpu")
+    with pytest.raises(ImportError) as caught:
+        _library.load_extension()
+    message = str(caught.value)
+    assert "built against torch 2.13.0+cpu" in message
+    assert f"running torch {torch.__version__}" in message
+    assert "undefined symbol" in message
+    assert _TOOLS in message and _REBUILD in message
+
+
+def test_a_binary_without_build_metadata_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_library, "_import_extension", _failing_import)
+    monkeypatch.setattr(_library, "_built_torch_version", lambda: None)
+    with pytest.raises(ImportError, match=re.escape("built against an unknown torch")):
+        _library.load_extension()
+
+
+def test_build_metadata_beside_the_binary_matches_it() -> None:
+    built = _library._built_torch_version()
+    if built is None:
+        pytest.skip("irpe_ops/_build_meta.py is missing: a build older than the metadata module")
+    assert built == irpe_ops.build_info()["torch_version"]
+
+
+def test_an_unloadable_binary_is_reported_end_to_end() -> None:
+    """A fresh interpreter in which ``irpe_ops._C`` cannot be imported at all."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['irpe_ops._C'] = None  # makes `from irpe_ops import _C` raise ImportError\n"
+        "try:\n"
+        "    import irpe_ops\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "cannot load the compiled extension irpe_ops._C" in done.stdout
+    assert f"running torch {torch.__version__}" in done.stdout
+    built = _library._built_torch_version()
+    if built is not None:
+        assert f"built against torch {built}" in done.stdout
+    assert _REBUILD in done.stdout

@@ -1,4 +1,7 @@
-"""The cache of large CPU output blocks: reuse, correctness of reused memory, limits."""
+"""The internal cache of large CPU output blocks: reuse, correctness of reused memory, limits.
+
+Not public API: the tests reach it through the private ``irpe_ops._empty_cache`` and
+``irpe_ops._cached_bytes``."""
 
 from __future__ import annotations
 
@@ -22,18 +25,18 @@ def _inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_a_released_output_is_reused_and_overwritten(generator: torch.Generator) -> None:
-    irpe_ops.empty_cache()
+    irpe_ops._empty_cache()
     x, index = _inputs(generator)
     first = irpe_ops.rpe_index(x, index)
     pointer = first.data_ptr()
     first.fill_(float("nan"))  # garbage the next user of the block must not see
     del first
-    assert irpe_ops.cached_bytes() >= B * H * L * L * 4
+    assert irpe_ops._cached_bytes() >= B * H * L * L * 4
 
     y = torch.randn_like(x)
     second = irpe_ops.rpe_index(y, index)
     assert second.data_ptr() == pointer
-    assert irpe_ops.cached_bytes() == 0
+    assert irpe_ops._cached_bytes() == 0
     assert torch.equal(second, rpe_index_reference(y, index))
     # The adjoint allocates through the same cache.
     expected = bucket_sum_reference(second, index, K)
@@ -51,7 +54,7 @@ def test_blocks_in_use_are_never_handed_out_twice(generator: torch.Generator) ->
 def test_a_smaller_request_reuses_a_larger_block_within_bounds(
     generator: torch.Generator,
 ) -> None:
-    irpe_ops.empty_cache()
+    irpe_ops._empty_cache()
     x, index = _inputs(generator)
     first = irpe_ops.rpe_index(x, index)
     pointer = first.data_ptr()
@@ -70,11 +73,11 @@ def test_a_smaller_request_reuses_a_larger_block_within_bounds(
 def test_empty_cache_returns_the_memory(generator: torch.Generator) -> None:
     x, index = _inputs(generator)
     irpe_ops.rpe_index(x, index)  # released at once
-    assert irpe_ops.cached_bytes() > 0
-    released = irpe_ops.empty_cache()
+    assert irpe_ops._cached_bytes() > 0
+    released = irpe_ops._empty_cache()
     assert released > 0
-    assert irpe_ops.cached_bytes() == 0
-    assert irpe_ops.empty_cache() == 0
+    assert irpe_ops._cached_bytes() == 0
+    assert irpe_ops._empty_cache() == 0
 
 
 def _run_with_cache_setting(value: str) -> subprocess.CompletedProcess[str]:
@@ -83,7 +86,7 @@ def _run_with_cache_setting(value: str) -> subprocess.CompletedProcess[str]:
         "x = torch.randn(2, 4, 512, 49)\n"
         "i = torch.randint(0, 49, (512, 512), dtype=torch.int32)\n"
         "irpe_ops.rpe_index(x, i)\n"
-        "print(irpe_ops.cached_bytes())\n"
+        "print(irpe_ops._cached_bytes())\n"
     )
     env = {**os.environ, "IRPE_OPS_CPU_CACHE_MB": value}
     return subprocess.run(

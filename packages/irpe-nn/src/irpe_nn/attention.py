@@ -1,4 +1,4 @@
-"""Multi-head attention with iRPE (spec irpe.md §8): a drop-in for the original's
+"""Multi-head attention with iRPE: a drop-in for the original's
 ``RPEMultiheadAttention``, with its parameter names, initialisation and forward semantics."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class RPEMultiheadAttention(nn.Module):
         add_zero_attn: append a zero key/value (not with iRPE).
         kdim, vdim: feature sizes of key and value (default ``E``).
         rpe_config: an :class:`~irpe_nn.RPEConfig` (e.g. from
-            :func:`~irpe_nn.parse_rpe_spec`) or ``None``.
+            :func:`~irpe_nn.parse_rpe_spec`), an ``rpe-…`` string such as
+            ``"rpe-2.0-product-ctx-1-k"`` (parsed with ``skip=0``), or ``None``.
     """
 
     def __init__(
@@ -291,10 +292,11 @@ class RPEMultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = F.pad(key_padding_mask, (0, 1))
 
-        # (L, N, E) -> (N*nh, L, D), batch-major: row b*nh + h is head h of sample b.
+        # (L, N, E) -> (N*nh, L, D), batch-major: row b*nh + h is head h of sample b. Explicit
+        # lengths (no -1), so that an empty batch (N = 0) reshapes too.
         q = q.contiguous().view(Lq, B * nh, D).transpose(0, 1)
-        k = k.contiguous().view(-1, B * nh, D).transpose(0, 1)
-        v = v.contiguous().view(-1, B * nh, D).transpose(0, 1)
+        k = k.contiguous().view(k.shape[0], B * nh, D).transpose(0, 1)
+        v = v.contiguous().view(v.shape[0], B * nh, D).transpose(0, 1)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(B * nh, 1, D)], dim=1)
             v = torch.cat([v, v.new_zeros(B * nh, 1, D)], dim=1)
@@ -308,7 +310,7 @@ class RPEMultiheadAttention(nn.Module):
         q4, k4, v4 = q.view(B, nh, Lq, D), k.view(B, nh, Lk, D), v.view(B, nh, Lk, D)
         logits = self._logits(q4, k4, grid)
         if attn_mask is not None:
-            attn_mask = attn_mask.view(-1, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask
+            attn_mask = attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask
             if attn_mask.dtype == torch.bool:
                 logits.masked_fill_(attn_mask, float("-inf"))
             else:

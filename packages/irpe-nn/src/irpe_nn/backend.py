@@ -16,8 +16,10 @@ traffic) and int64 for the fallback (what ``torch.gather``/``scatter_add_`` requ
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -30,16 +32,37 @@ BACKEND_ENV = "IRPE_BACKEND"
 _log = logging.getLogger(__name__)
 
 
-def _import_ops() -> ModuleType | None:
+_warned_broken_ops = False
+
+
+def _import_ops(
+    import_module: Callable[[str], ModuleType] = importlib.import_module,
+) -> ModuleType | None:
+    """``irpe_ops``, or ``None`` (then the layers use the PyTorch fallback).
+
+    Not installed is normal (logged at DEBUG). Installed but failing to import (a binary built
+    for another torch, a broken build) is logged once at WARNING, with irpe_ops' own message,
+    which says how to rebuild it.
+    """
+    global _warned_broken_ops
     try:
-        import irpe_ops
-    except ImportError as exc:
-        _log.debug("irpe_ops not importable (%s); using the PyTorch fallback", exc)
-        return None
+        return import_module("irpe_ops")
+    except ModuleNotFoundError as exc:
+        if exc.name == "irpe_ops":
+            _log.debug("irpe_ops is not installed; using the PyTorch fallback")
+            return None
+        error: Exception = exc
     except Exception as exc:  # a broken build must not take the layers down with it
-        _log.warning("irpe_ops failed to import (%r); using the PyTorch fallback", exc)
-        return None
-    return irpe_ops
+        error = exc
+    if not _warned_broken_ops:
+        _warned_broken_ops = True
+        _log.warning(
+            "irpe_ops is installed but failed to import, so the iRPE layers use the slower "
+            "PyTorch fallback: %s: %s",
+            type(error).__name__,
+            error,
+        )
+    return None
 
 
 # Resolved once at import: plain module globals keep backend() cheap and transparent to

@@ -1,10 +1,10 @@
 """Bounded cache of bucket-id tables shared by all iRPE modules of the process.
 
 The original kept one unbounded, never-evicted table per coefficient set and rebuilt it
-whenever the aspect ratio changed (spec irpe.md §6, §12 items 3, 4, 14, 15). Here a table is
-cached per exact request ``(method, alpha, beta, gamma, height, width, skip, dtype, device)``
-in a small LRU, so alternating image sizes hit the cache, the six encoder layers of DETR
-share one table, and memory stays bounded.
+whenever the aspect ratio changed (see docs/layers.md, 'Where we differ from the original').
+Here a table is cached per exact request ``(method, alpha, beta, gamma, height, width, skip,
+dtype, device)`` in a small LRU, so alternating image sizes hit the cache, the six encoder
+layers of DETR share one table, and memory stays bounded.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bucket ids of image relative positions (spec irpe.md §2–§5).
+"""Bucket ids of image relative positions (the rules: docs/layers.md, 'Bucket ids').
 
 Every ordered pair of tokens ``(i, j)`` of a ``height x width`` grid (row-major, optionally
 preceded by ``skip`` non-spatial tokens) is mapped to a bucket id ``bkt(i, j)`` in
@@ -163,7 +163,7 @@ def get_bucket_ids_2d(
     """Bucket id of every ordered token pair of a ``height x width`` grid with skip tokens.
 
     Tokens ``0..skip-1`` are non-spatial; token ``skip + t`` sits at ``(t // width,
-    t % width)``. The id of a spatial pair depends on ``pos_i - pos_j`` (spec §4); every
+    t % width)``. The id of a spatial pair depends only on ``pos_i - pos_j``; every
     pair involving a skip token gets the single extra id ``num_base_buckets``.
 
     Args:

@@ -1,5 +1,5 @@
 """iRPE configuration objects and the ``rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}``
-string (spec irpe.md §1 and §9)."""
+string (see docs/layers.md, 'The rpe-… string')."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 from .buckets import METHOD, num_base_buckets
 
 __all__ = [
+    "MAX_BUCKETS_PER_AXIS",
     "MODES",
     "RPE_HELP",
     "RPEConfig",
@@ -17,6 +18,12 @@ __all__ = [
     "get_single_rpe_config",
     "parse_rpe_spec",
 ]
+
+MAX_BUCKETS_PER_AXIS = 255
+"""Most buckets per axis, ``S = 2*int(2*ratio) + 1`` (so ``ratio < 64``; product tables then
+have at most ``255² = 65025`` buckets). The original's configurations use ratios up to about
+3 (13 per axis); the bound turns a mistyped ratio such as ``1e4`` into a clear error instead of
+a table of billions of entries."""
 
 MODES = ("bias", "contextual")
 """Valid encoding modes (``"ctx"`` is accepted as an alias of ``"contextual"``)."""
@@ -31,7 +38,7 @@ _METHOD_NAMES = {
 RPE_HELP = """\
 iRPE string format: rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}
   Example: rpe-2.0-product-ctx-1-k (the DETR-with-iRPE default)
-  ratio:       float > 0 controlling the number of buckets; for the product method
+  ratio:       float, 0 < ratio < 64, controlling the number of buckets; for the product method
                  ratio | buckets
                  1.9   | 7 x 7 = 49
                  2.0   | 9 x 9 = 81
@@ -46,7 +53,7 @@ iRPE string format: rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}
 
 @dataclasses.dataclass(frozen=True)
 class SingleRPEConfig:
-    """Configuration of one iRPE table set (the original's single config, spec §1.3)."""
+    """Configuration of one iRPE table set (the original's single-table config)."""
 
     shared_head: bool
     """One table for all heads (``True``) or one per head."""
@@ -92,6 +99,26 @@ def _mode_name(mode: str) -> str:
     return mode
 
 
+def _check_bucket_count(ratio: float, method: METHOD) -> None:
+    """Refuse ratios whose tables would be absurdly large (see :data:`MAX_BUCKETS_PER_AXIS`)."""
+    max_ratio = (MAX_BUCKETS_PER_AXIS - 1) // 2 / 2 + 0.5  # int(2*ratio) <= 127 <=> ratio < 64
+    if ratio < max_ratio:
+        return
+    doubled = 2 * ratio
+    side = 2 * int(doubled) + 1 if math.isfinite(doubled) else math.inf
+    count = side * side if method == METHOD.PRODUCT else side
+
+    def text(number: float) -> str:
+        return str(number) if number < 10**12 else f"{number:.3g}"
+
+    product = f" ({MAX_BUCKETS_PER_AXIS**2} for product)" if method == METHOD.PRODUCT else ""
+    raise ValueError(
+        f"ratio: {ratio!r} gives {text(count)} buckets per table ({text(side)} per axis, "
+        f"2*int(2*ratio) + 1); at most {MAX_BUCKETS_PER_AXIS} per axis{product} are allowed, "
+        f"i.e. ratio < {max_ratio:g}"
+    )
+
+
 def get_single_rpe_config(
     ratio: float = 1.9,
     method: str | int = METHOD.PRODUCT,
@@ -100,10 +127,13 @@ def get_single_rpe_config(
     skip: int = 0,
 ) -> SingleRPEConfig:
     """One table-set config: ``alpha, beta, gamma = ratio, 2*ratio, 8*ratio`` and the bucket
-    count of spec §1.1 (plus one bucket shared by all skip tokens when ``skip > 0``).
+    count ``S = 2*int(2*ratio) + 1`` per axis (``S²`` for product, ``S`` otherwise), plus one
+    bucket shared by all skip tokens when ``skip > 0``.
 
     Raises:
-        ValueError: naming ``ratio``, ``method``, ``mode`` or ``skip`` when it is invalid.
+        ValueError: naming ``ratio``, ``method``, ``mode`` or ``skip`` when it is invalid; a
+            ``ratio`` of 64 or more (more than :data:`MAX_BUCKETS_PER_AXIS` buckets per axis)
+            is refused with the bucket count it would give.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise ValueError(f"ratio: expected a number, got {ratio!r}")
@@ -112,6 +142,7 @@ def get_single_rpe_config(
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
         raise ValueError(f"skip: must be an int >= 0, got {skip!r}")
     method_id = _method_id(method)
+    _check_bucket_count(ratio, method_id)
     alpha, beta, gamma = 1 * ratio, 2 * ratio, 8 * ratio
     num_buckets = num_base_buckets(method_id, beta) + (1 if skip > 0 else 0)
     return SingleRPEConfig(

@@ -1,4 +1,4 @@
-"""The iRPE modules: learned lookup tables indexed by bucket ids (spec irpe.md §7)."""
+"""The iRPE modules: learned lookup tables indexed by bucket ids."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from .backend import backend, bucket_sum, index_dtype, rpe_index
 from .bucket_cache import bucket_ids
 from .buckets import METHOD, num_base_buckets
-from .config import MODES, SingleRPEConfig
+from .config import MODES, SingleRPEConfig, parse_rpe_spec
 
 __all__ = ["build_rpe", "iRPE", "iRPE_Cross"]
 
@@ -244,16 +244,28 @@ def build_rpe(config: Any, head_dim: int, num_heads: int) -> Sequence[iRPE | iRP
 
     Args:
         config: an :class:`~irpe_nn.RPEConfig` (or any object with ``rpe_q``, ``rpe_k``,
-            ``rpe_v`` attributes), or ``None``.
+            ``rpe_v`` attributes), an ``rpe-…`` string (parsed by
+            :func:`~irpe_nn.parse_rpe_spec`; ``""`` means none), or ``None``.
         head_dim: ``embed_dim // num_heads`` of the attention.
         num_heads: heads of the attention (tables have 1 head when ``shared_head``).
 
     Returns:
         ``(None, None, None)`` when ``config`` is ``None``, else a list of three entries,
         each an :class:`iRPE`, an :class:`iRPE_Cross` (method cross) or ``None``.
+
+    Raises:
+        ValueError: a malformed ``rpe-…`` string (see :func:`~irpe_nn.parse_rpe_spec`).
+        TypeError: ``config`` is none of the above.
     """
+    if isinstance(config, str):
+        config = parse_rpe_spec(config)
     if config is None:
         return None, None, None
+    if not all(hasattr(config, name) for name in ("rpe_q", "rpe_k", "rpe_v")):
+        raise TypeError(
+            f"rpe_config: expected an RPEConfig, an 'rpe-...' string (e.g. "
+            f"'rpe-2.0-product-ctx-1-k') or None, got {type(config).__name__}"
+        )
     modules: list[iRPE | iRPE_Cross | None] = []
     for single, transposed in (
         (config.rpe_q, True),

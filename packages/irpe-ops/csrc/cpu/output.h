@@ -17,8 +17,9 @@ namespace irpe_ops::cpu {
 // existing memory, several times the gather itself. In training the output lives briefly
 // (it is added to the logits) and the next call wants the same size again, so a released block
 // is reused, already mapped. The cache is bounded (IRPE_OPS_CPU_CACHE_MB, default 256; 0
-// disables it), blocks are backed by transparent huge pages where the system allows, and
-// irpe_ops.empty_cache() returns everything cached to the system.
+// disables it; an internal tuning knob, not public API), blocks are backed by transparent huge
+// pages where the system allows, and the private irpe_ops._empty_cache() returns everything
+// cached to the system.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Frees every cached block; returns the number of bytes released.

@@ -27,9 +27,7 @@ __all__ = [
     "__version__",
     "bucket_sum",
     "build_info",
-    "cached_bytes",
     "cuda_built",
-    "empty_cache",
     "rpe_index",
 ]
 
@@ -52,20 +50,17 @@ def cuda_built() -> bool:
     return _C.build_info()["cuda_version"] is not None
 
 
-def empty_cache() -> int:
-    """Return the CPU memory kept for reuse by large outputs to the system.
+def _empty_cache() -> int:
+    """Private (tests, tuning): free the CPU output blocks kept for reuse; returns the bytes freed.
 
-    Outputs of 4 MiB and more are allocated from a small cache of blocks that earlier outputs
-    released, which saves the page faults of fresh memory on every call (bounded by the
-    environment variable ``IRPE_OPS_CPU_CACHE_MB``, default 256; ``0`` disables the cache).
-    Tensors in use are not affected.
-
-    Returns:
-        The number of bytes released.
+    CPU outputs of 4 MiB and more come from a small internal cache of blocks that earlier outputs
+    released, which saves the page faults of fresh memory on every call; its size is bounded by
+    the internal tuning variable ``IRPE_OPS_CPU_CACHE_MB`` (default 256, ``0`` disables it), see
+    docs/operators.md, 'Performance notes'. Tensors in use are not affected.
     """
     return int(_C.empty_cache())
 
 
-def cached_bytes() -> int:
-    """Bytes of released CPU output blocks currently kept for reuse (see :func:`empty_cache`)."""
+def _cached_bytes() -> int:
+    """Private (tests, tuning): bytes of released CPU output blocks kept for reuse."""
     return int(_C.cached_bytes())

@@ -20,11 +20,34 @@ __all__ = ["check_build", "load_extension"]
 
 _log = logging.getLogger(__name__)
 
+# irpe-ops is not on a package index: it is rebuilt from a checkout of the repository, with the
+# build tools installed first (--no-build-isolation builds against the torch that is installed).
 _REBUILD_HINT = (
-    "Rebuild it against the running torch: "
-    "`pip install --no-build-isolation --force-reinstall --no-deps irpe-ops` "
-    "(or `uv pip install --no-build-isolation -e packages/irpe-ops` in the monorepo)."
+    "Rebuild it against the running torch from the root of a checkout of the repository: "
+    "`pip install scikit-build-core pybind11 cmake ninja`, then "
+    "`pip install --no-build-isolation ./packages/irpe-ops`."
 )
+
+
+def _built_torch_version() -> str | None:
+    """The torch version the binary was built against, from ``irpe_ops._build_meta``.
+
+    CMake installs that small module beside the extension, so the version can be named even
+    when ``_C`` itself cannot be loaded (as for a binary built against another torch, whose
+    symbols no longer resolve). ``None`` when it is missing (a build from before it existed).
+    """
+    try:
+        from irpe_ops import _build_meta
+    except ImportError:
+        return None
+    return str(getattr(_build_meta, "TORCH_VERSION", "")) or None
+
+
+def _import_extension() -> ModuleType:
+    """``import irpe_ops._C`` (a function so the tests can simulate a failing load)."""
+    from irpe_ops import _C
+
+    return _C
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -43,9 +66,9 @@ def check_build(info: dict[str, Any], package_version: str | None) -> None:
     built = str(info["torch_version"])
     if _major_minor(built) != _major_minor(torch.__version__):
         raise ImportError(
-            f"irpe_ops: the compiled extension was built against torch {built}, but torch "
-            f"{torch.__version__} is running; C++ extensions only work with the torch "
-            f"major.minor they were built against. {_REBUILD_HINT}"
+            f"irpe_ops: the compiled extension was built against torch {built}, running torch "
+            f"{torch.__version__}; C++ extensions only work with the torch major.minor they were "
+            f"built against. {_REBUILD_HINT}"
         )
     if package_version is not None and info["version"] != package_version:
         raise ImportError(
@@ -65,11 +88,13 @@ def load_extension() -> ModuleType:
             from another torch build), or was built for another torch major.minor.
     """
     try:
-        from irpe_ops import _C
+        _C = _import_extension()
     except ImportError as err:
+        built = _built_torch_version()
+        built_against = f"torch {built}" if built else "an unknown torch (no build metadata)"
         raise ImportError(
-            f"irpe_ops: cannot load the compiled extension irpe_ops._C with torch "
-            f"{torch.__version__}: {err}. {_REBUILD_HINT}"
+            f"irpe_ops: cannot load the compiled extension irpe_ops._C (built against "
+            f"{built_against}, running torch {torch.__version__}): {err}. {_REBUILD_HINT}"
         ) from err
     try:
         package_version: str | None = metadata.version("irpe-ops")
