@@ -427,3 +427,10 @@ def test_corrupt_zip_archive_is_named(synthetic_coco_zip_root, tmp_path):
     (root / "val2017.zip").write_bytes(b"garbage" * 100)
     with pytest.raises(zipfile.BadZipFile, match=r"val2017\.zip"):
         build_dataset("val", data_args(root))
+
+
+def test_annotation_names_stay_importable_from_the_dataset_module():
+    from detr_irpe.data import coco, coco_annotations
+
+    assert coco.AnnotationError is coco_annotations.AnnotationError
+    assert coco.load_coco_annotations is coco_annotations.load_coco_annotations
