@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from detr_irpe.data.images import load_rgb, to_rgb
+
 __all__ = ["draw_detections", "plot_training_curves", "read_training_log"]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
@@ -82,12 +84,13 @@ def draw_detections(
 
     Raises:
         ValueError: ``boxes`` is not ``(N, 4)`` or ``labels``/``scores`` do not have N entries.
+        ImageLoadError: ``image`` is a path that cannot be decoded.
     """
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            canvas = opened.convert("RGB")
+        canvas = load_rgb(image)
     else:
-        canvas = image.convert("RGB")  # always a copy, so the caller's image stays as it was
+        # Always a copy, so the caller's image stays as it was.
+        canvas = to_rgb(image) if image.mode != "RGB" else image.copy()
     box_array = _as_array(boxes).astype(np.float64)
     if box_array.size == 0:
         box_array = box_array.reshape(0, 4)

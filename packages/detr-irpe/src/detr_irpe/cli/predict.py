@@ -92,11 +92,12 @@ def _output_paths(images: Sequence[Path], output_dir: Path) -> list[Path]:
 
 
 def _load_image(path: Path) -> Image.Image:
+    from detr_irpe.data.images import ImageLoadError, load_rgb
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
-        raise CLIError(f"cannot read image '{path}': {err}") from None
+        return load_rgb(path)
+    except ImageLoadError as err:
+        raise CLIError(str(err)) from None
 
 
 def predict(args: argparse.Namespace, argv: Sequence[str] | None) -> None:

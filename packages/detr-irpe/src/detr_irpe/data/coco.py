@@ -13,7 +13,6 @@ be read is replaced by the next readable one.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import zipfile
@@ -32,6 +31,7 @@ from detr_irpe.data.coco_annotations import (
     load_coco_annotations,
     read_categories,
 )
+from detr_irpe.data.images import ImageLoadError, load_rgb
 from detr_irpe.data.zip_reader import ImageFileReader
 
 __all__ = [
@@ -56,10 +56,6 @@ SPLITS: dict[str, tuple[str, str]] = {
     "train": ("train2017", "annotations/instances_train2017.json"),
     "val": ("val2017", "annotations/instances_val2017.json"),
 }
-
-
-class ImageLoadError(OSError):
-    """An image is missing or cannot be decoded; the message names the file and image id."""
 
 
 def coco_annotations_to_target(
@@ -153,18 +149,15 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
             ImageLoadError: the file is missing or cannot be decoded (names file and image id).
         """
         file_name = self.coco.imgs[image_id]["file_name"]
-        where = self.reader.describe(file_name)
+        where = f"image id {image_id} ({self.ann_file.name})"
         try:
             data = self.reader.read(file_name)
         except (OSError, zipfile.BadZipFile) as err:
-            raise ImageLoadError(f"image id {image_id} ({self.ann_file.name}): {err}") from err
+            raise ImageLoadError(f"{where}: {err}") from err
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ImageLoadError(
-                f"image id {image_id} ({self.ann_file.name}): cannot decode {where}: {err}"
-            ) from err
+            return load_rgb(data, self.reader.describe(file_name))
+        except ImageLoadError as err:
+            raise ImageLoadError(f"{where}: {err}") from err
 
     def load_target(self, image_id: int, width: int, height: int) -> Target:
         """The target of ``image_id`` for an image of ``width`` x ``height`` pixels."""
