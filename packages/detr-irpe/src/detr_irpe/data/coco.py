@@ -208,6 +208,8 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
         ValueError: unknown ``image_set``, ``dataset_file`` or no ``coco_path``.
         NotImplementedError: ``--masks``.
         FileNotFoundError: the annotation file, or both the image folder and its zip, missing.
+        AnnotationError: a malformed annotation file, or a split without images.
+        ArchiveError: the image zip is not readable (e.g. truncated).
     """
     from detr_irpe.data.transforms import make_transforms
 
@@ -224,12 +226,19 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
     if not root.is_dir():
         raise FileNotFoundError(f"--coco_path '{root}' is not a directory")
     folder, ann_file = SPLITS[image_set]
-    return CocoDetection(
+    skip_bad_samples = bool(getattr(args, "skip_bad_samples", False))
+    dataset = CocoDetection(
         root / folder,
         root / ann_file,
         transforms=make_transforms(image_set, args),
-        skip_bad_samples=bool(getattr(args, "skip_bad_samples", False)),
+        skip_bad_samples=skip_bad_samples,
     )
+    if len(dataset) == 0:
+        # Refused now: an empty split would otherwise fail only after a whole training epoch,
+        # inside pycocotools' evaluation (val) or the sampler (train).
+        dropped = " once the bad records were skipped" if skip_bad_samples else ""
+        raise AnnotationError(f"{root / ann_file}: the {image_set} split has no images{dropped}")
+    return dataset
 
 
 def _categories_of(source: COCO | CocoDetection | str | os.PathLike[str]) -> dict[int, str]:

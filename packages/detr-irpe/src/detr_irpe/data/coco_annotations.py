@@ -20,9 +20,19 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-__all__ = ["AnnotationError", "load_coco_annotations", "read_categories"]
+from detr_irpe.data.zip_reader import unsafe_path_reason
+
+__all__ = ["MAX_CATEGORY_ID", "AnnotationError", "load_coco_annotations", "read_categories"]
 
 logger = logging.getLogger(__name__)
+
+# The largest category id accepted. DETR allocates one class logit per id up to the largest
+# (COCO's ids reach 90), so a stray huge id would try to allocate a gigantic classifier;
+# 100000 leaves room for every public label set (ImageNet-21k has about 22000 classes).
+MAX_CATEGORY_ID = 100_000
+
+# Image ids become int64 tensors in the targets.
+_INT64_RANGE = range(-(2**63), 2**63)
 
 # How many skipped records are logged one by one before only a total is given.
 _MAX_LOGGED_SKIPS = 10
@@ -66,8 +76,11 @@ def _validate_categories(ann_file: Path, data: Mapping[str, Any]) -> dict[int, s
         if not isinstance(category, dict) or not _is_int(category.get("id")):
             raise AnnotationError(f"{ann_file}: category #{index} has no integer 'id'")
         category_id = category["id"]
-        if category_id < 0:
-            raise AnnotationError(f"{ann_file}: category id {category_id} is negative")
+        if not 0 <= category_id <= MAX_CATEGORY_ID:
+            raise AnnotationError(
+                f"{ann_file}: category id {category_id} ({category.get('name')!r}) must lie "
+                f"in 0..{MAX_CATEGORY_ID} (DETR allocates one class logit per id)"
+            )
         if category_id in names:
             raise AnnotationError(f"{ann_file}: category id {category_id} appears twice")
         names[category_id] = str(category.get("name", category_id))
@@ -77,11 +90,16 @@ def _validate_categories(ann_file: Path, data: Mapping[str, Any]) -> dict[int, s
 def _image_problem(image: object, seen: Mapping[int, object]) -> str | None:
     if not isinstance(image, dict) or not _is_int(image.get("id")):
         return "has no integer 'id'"
+    if image["id"] not in _INT64_RANGE:
+        return "does not fit in 64 bits"
     if image["id"] in seen:
         return "appears twice"
     file_name = image.get("file_name")
     if not isinstance(file_name, str) or not file_name:
         return "has no 'file_name'"
+    unsafe = unsafe_path_reason(file_name)
+    if unsafe is not None:
+        return f"has a 'file_name' {file_name!r} that {unsafe}"
     return None
 
 
@@ -126,7 +144,8 @@ def load_coco_annotations(ann_file: str | os.PathLike[str], skip_bad_samples: bo
     """Validate a COCO ``instances_*.json`` and index it with pycocotools.
 
     Checked: the file exists and is JSON; ``categories`` is a non-empty list of unique integer
-    ids; each image has a unique integer ``id`` and a ``file_name``; each annotation has a
+    ids in ``0..MAX_CATEGORY_ID``; each image has a unique 64-bit integer ``id`` and a
+    relative ``file_name`` that stays inside the image folder; each annotation has a
     unique integer ``id``, an ``image_id`` of a listed image, a ``category_id`` of a listed
     category, a ``bbox`` of 4 finite numbers with ``w, h >= 0``, ``iscrowd`` in {0, 1} and a
     finite ``area`` when present. A missing ``iscrowd`` becomes 0 and a missing ``area``
