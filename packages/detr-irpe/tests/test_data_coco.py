@@ -1,4 +1,5 @@
-"""CocoDetection and build_dataset: targets per spec §5.1, layouts, and every bad-data case."""
+"""CocoDetection and build_dataset: targets (crowd dropped, xyxy boxes clamped to the image,
+empty boxes dropped), folder and zip layouts, and every bad-data case."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def edit_json(path: Path, edit) -> None:
 
 
 def naive_target(records: list[dict], width: int, height: int) -> tuple[list, list, list]:
-    """§5.1: drop crowd, xywh -> xyxy, clamp, keep positive width and height."""
+    """Drop crowd, xywh -> xyxy, clamp to the image, keep positive width and height."""
     boxes, labels, areas = [], [], []
     for ann in records:
         if ann.get("iscrowd", 0) == 1:

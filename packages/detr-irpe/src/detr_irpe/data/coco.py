@@ -61,7 +61,7 @@ SPLITS: dict[str, tuple[str, str]] = {
 def coco_annotations_to_target(
     annotations: Sequence[Mapping[str, Any]], image_id: int, width: int, height: int
 ) -> Target:
-    """DETR's target for one image (spec detr-irpe.md §5.1, ``ConvertCocoPolysToMask``).
+    """DETR's target for one image, as the original's ``ConvertCocoPolysToMask`` builds it.
 
     Crowd annotations (``iscrowd == 1``) are dropped; ``[x, y, w, h]`` becomes
     ``[x, y, x + w, y + h]`` (float32), x is clamped to ``[0, width]`` and y to

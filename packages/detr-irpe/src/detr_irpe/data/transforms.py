@@ -1,4 +1,4 @@
-"""DETR's joint image/target augmentations (spec detr-irpe.md §5.2).
+"""DETR's joint image/target augmentations, computing the same numbers as the original DETR's.
 
 Every transform is a callable ``(image, target) -> (image, target)``. ``image`` is a
 ``PIL.Image`` until :class:`ToTensor` (a ``(3, H, W)`` tensor after it); ``target`` is the
