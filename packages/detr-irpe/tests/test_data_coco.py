@@ -1,4 +1,5 @@
-"""CocoDetection and build_dataset: targets per spec §5.1, layouts, and every bad-data case."""
+"""CocoDetection and build_dataset: targets (crowd dropped, xyxy boxes clamped to the image,
+empty boxes dropped), folder and zip layouts, and every bad-data case."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def edit_json(path: Path, edit) -> None:
 
 
 def naive_target(records: list[dict], width: int, height: int) -> tuple[list, list, list]:
-    """§5.1: drop crowd, xywh -> xyxy, clamp, keep positive width and height."""
+    """Drop crowd, xywh -> xyxy, clamp to the image, keep positive width and height."""
     boxes, labels, areas = [], [], []
     for ann in records:
         if ann.get("iscrowd", 0) == 1:
@@ -427,3 +428,10 @@ def test_corrupt_zip_archive_is_named(synthetic_coco_zip_root, tmp_path):
     (root / "val2017.zip").write_bytes(b"garbage" * 100)
     with pytest.raises(zipfile.BadZipFile, match=r"val2017\.zip"):
         build_dataset("val", data_args(root))
+
+
+def test_annotation_names_stay_importable_from_the_dataset_module():
+    from detr_irpe.data import coco, coco_annotations
+
+    assert coco.AnnotationError is coco_annotations.AnnotationError
+    assert coco.load_coco_annotations is coco_annotations.load_coco_annotations

@@ -170,3 +170,25 @@ def test_console_script_writes_a_zip_dataset(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert synthetic_cli.main([str(tmp_path / "x"), "--difficulty", "3", "--no-progress"]) == 2
     assert "difficulty" in capsys.readouterr().err
+
+
+SPELLINGS = {
+    "underscores": ["--num_train", "2", "--num_val", "1", "--image_size", "48"],
+    "hyphens": ["--num-train", "2", "--num-val", "1", "--image-size", "48"],
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_console_script_takes_underscores_and_hyphens(tmp_path, spelling):
+    extra = {
+        "underscores": ["--min_image_size", "40", "--max_objects", "2", "--class_colors"],
+        "hyphens": ["--min-image-size", "40", "--max-objects", "2", "--class-colors"],
+    }[spelling]
+    parsed = synthetic_cli.build_parser().parse_args(["out", *SPELLINGS[spelling], *extra])
+    assert (parsed.num_train, parsed.num_val, parsed.image_size) == (2, 1, 48)
+    assert (parsed.min_image_size, parsed.max_objects, parsed.class_colors) == (40, 2, True)
+    no_progress = "--no_progress" if spelling == "underscores" else "--no-progress"
+    out = tmp_path / "shapes"
+    assert synthetic_cli.main([str(out), *SPELLINGS[spelling], no_progress]) == 0
+    data = json.loads((out / "annotations/instances_train2017.json").read_text())
+    assert len(data["images"]) == 2

@@ -1,4 +1,5 @@
-"""DETR transforms against naive implementations of the rules in spec detr-irpe.md §5.2."""
+"""DETR transforms against naive implementations of the original DETR's rules (resize with a
+capped longer side, crop, flip, normalise), written with Python floats."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from detr_irpe.data.transforms import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Naive references, written from the spec's text with Python floats.
+# Naive references of the original's rules, with Python floats.
 
 
 def naive_output_size(w: int, h: int, s: int, max_size: int | None) -> tuple[int, int]:
-    """(oh, ow) per §5.2: cap, 'already equal' short-cut, truncation."""
+    """(oh, ow): the longer side capped at max_size (half-even rounding of the shorter side),
+    unchanged when the shorter side already equals s, else the longer side truncated."""
     if max_size is not None:
         ratio = max(w, h) / min(w, h)
         if ratio * s > max_size:
@@ -269,7 +271,8 @@ def args_for(**overrides) -> Namespace:
 
 
 def naive_train_pipeline(w, h, boxes, labels, scales, max_size, pre, crop_range):
-    """The spec's train pipeline on boxes only, drawing from the RNGs in the original's order."""
+    """The original's train pipeline (flip, then resize or resize-crop-resize) on boxes only,
+    drawing from the RNGs in the original's order."""
     if random.random() < 0.5:
         boxes = naive_hflip(boxes, w)
     area = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
@@ -293,7 +296,7 @@ def naive_train_pipeline(w, h, boxes, labels, scales, max_size, pre, crop_range)
 
 
 @pytest.mark.parametrize("scales", [None, [64, 80, 96]])
-def test_train_pipeline_matches_naive_spec_pipeline(scales):
+def test_train_pipeline_matches_the_naive_pipeline(scales):
     w, h = (640, 480) if scales is None else (120, 90)
     boxes = [[w * 0.1, h * 0.1, w * 0.5, h * 0.6], [w * 0.6, h * 0.2, w * 0.95, h * 0.9]]
     labels = [3, 9]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from detr_irpe.utils.distributed import all_gather_object, get_world_size, reduce_dict
-from detr_irpe.utils.logging import JsonLinesLog, MetricLogger, SmoothedValue, TensorBoardLog
+from detr_irpe.utils.meters import MetricLogger, SmoothedValue
+from detr_irpe.utils.run_log import JsonLinesLog, TensorBoardLog
 
 
 def test_smoothed_value_window_and_global_average() -> None:
@@ -33,7 +34,7 @@ def test_log_every_yields_everything_and_times_the_phases(
 ) -> None:
     metrics = MetricLogger()
     seen = []
-    with caplog.at_level(logging.INFO, logger="detr_irpe.utils.logging"):
+    with caplog.at_level(logging.INFO, logger="detr_irpe.utils.meters"):
         for item in metrics.log_every(range(7), print_freq=3, header="Epoch: [0]"):
             metrics.update(loss=float(item), lr=0.1)
             seen.append(item)
@@ -74,3 +75,13 @@ def test_collectives_without_a_process_group() -> None:
     assert get_world_size() == 1
     assert reduce_dict(values) is values
     assert all_gather_object({"x": 1}) == [{"x": 1}]
+
+
+def test_old_import_path_re_exports_the_split_modules() -> None:
+    from detr_irpe.utils import logging as old
+    from detr_irpe.utils import meters, run_log
+
+    assert old.MetricLogger is meters.MetricLogger and old.SmoothedValue is meters.SmoothedValue
+    assert old.JsonLinesLog is run_log.JsonLinesLog
+    assert old.TensorBoardLog is run_log.TensorBoardLog
+    assert old.to_jsonable is run_log.to_jsonable

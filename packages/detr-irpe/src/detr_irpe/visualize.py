@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from detr_irpe.atomic import atomic_write
+from detr_irpe.data.images import load_rgb, to_rgb
+
 __all__ = ["draw_detections", "plot_training_curves", "read_training_log"]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
@@ -82,12 +85,13 @@ def draw_detections(
 
     Raises:
         ValueError: ``boxes`` is not ``(N, 4)`` or ``labels``/``scores`` do not have N entries.
+        ImageLoadError: ``image`` is a path that cannot be decoded.
     """
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            canvas = opened.convert("RGB")
+        canvas = load_rgb(image)
     else:
-        canvas = image.convert("RGB")  # always a copy, so the caller's image stays as it was
+        # Always a copy, so the caller's image stays as it was.
+        canvas = to_rgb(image) if image.mode != "RGB" else image.copy()
     box_array = _as_array(boxes).astype(np.float64)
     if box_array.size == 0:
         box_array = box_array.reshape(0, 4)
@@ -125,9 +129,8 @@ def draw_detections(
         draw.rectangle([x0, ty, x0 + text_w + 4, ty + text_h + 2], fill=color)
         draw.text((x0 + 2 - left, ty + 1 - top), caption, fill=(255, 255, 255), font=font)
     if path is not None:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(out, format="PNG")
+        with atomic_write(path) as handle:
+            canvas.save(handle, format="PNG")
     return canvas
 
 
@@ -272,6 +275,6 @@ def plot_training_curves(
         axes.grid(True, alpha=0.3)
         axes.legend()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=100)
+    with atomic_write(out) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from detr_irpe.atomic import atomic_write, write_json, write_text
 from detr_irpe.cli import evaluate as evaluate_cli
 from detr_irpe.cli import plot as plot_cli
 from detr_irpe.cli import predict as predict_cli
@@ -103,7 +104,8 @@ def _montage(images: Sequence[Path], out: Path, columns: int = 2, zoom: int = 2)
     sheet = Image.new("RGB", (columns * width, rows * height), "white")
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * width, (i // columns) * height))
-    sheet.save(out)
+    with atomic_write(out) as handle:
+        sheet.save(handle, format="PNG")
 
 
 def _step(name: str, status: int) -> None:
@@ -173,8 +175,8 @@ def run_demo(options: argparse.Namespace) -> None:
         "total_seconds": round(total_seconds, 1),
         "plan": vars(options) | {"epochs": plan.epochs, "num_train": plan.num_train},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "ap_table.txt").write_text(format_stats(metrics["coco_eval_bbox"]) + "\n")
+    write_json(out / "summary.json", summary)
+    write_text(out / "ap_table.txt", format_stats(metrics["coco_eval_bbox"]) + "\n")
     logger.info(
         "demo done in %.0f s (training %.0f s): AP %.3f, AP50 %.3f; outputs in %s",
         total_seconds,

@@ -3,6 +3,15 @@
 ::
 
     detr-irpe-predict CHECKPOINT photo1.jpg photo2.png --output_dir ./predictions --threshold 0.7
+    detr-irpe-predict CHECKPOINT photos/ 'more/*.jpg' --output_dir ./predictions
+
+Each image argument is a file, a folder (the images directly inside it, by extension
+``.jpg .jpeg .png .bmp .webp .tif .tiff``, sorted by name; sub-folders are not searched, as
+a folder of photos often holds earlier outputs or thumbnails below it) or a quoted glob
+pattern (``'imgs/*.jpg'``; ``**`` searches sub-folders), expanded in sorted order. The
+images are decoded by :func:`detr_irpe.data.images.load_rgb` and run through the model up
+to ``--batch_size`` at a time (images of one size per batch, see :func:`detect_in_batches`),
+with a progress bar (``--no_progress`` hides it).
 
 Each image goes through the validation transform (shorter side ``--val_size``, longer side
 at most ``--val_max_size``), the model and the post-processing; detections scoring at least
@@ -18,11 +27,12 @@ checkpoint's, as in ``detr-irpe-eval``.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -30,7 +40,17 @@ from detr_irpe.cli.errors import CLIError, run_cli
 from detr_irpe.cli.parsers import checkpoint_parser
 from detr_irpe.config import parse_options
 
-__all__ = ["build_parser", "class_names_for", "main", "predict"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "build_parser",
+    "class_names_for",
+    "collect_images",
+    "detect_in_batches",
+    "main",
+    "predict",
+]
 
 PROG = "detr-irpe-predict"
 
@@ -41,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = checkpoint_parser(
         PROG, "Draw the detections of a DETR-with-iRPE checkpoint on images (PNG)."
     )
-    parser.add_argument("images", nargs="+", help="image files to run the detector on")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders (the images directly inside) or quoted glob patterns",
+    )
     parser.add_argument(
         "--threshold", default=0.5, type=float, help="lowest score drawn (default: 0.5)"
     )
@@ -79,11 +103,172 @@ def _output_paths(images: Sequence[Path], output_dir: Path) -> list[Path]:
 
 
 def _load_image(path: Path) -> Image.Image:
+    from detr_irpe.data.images import ImageLoadError, load_rgb
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
-        raise CLIError(f"cannot read image '{path}': {err}") from None
+        return load_rgb(path)
+    except ImageLoadError as err:
+        raise CLIError(str(err)) from None
+
+
+def _images_in_folder(folder: Path) -> list[Path]:
+    from detr_irpe.data.images import IMAGE_EXTENSIONS
+
+    found = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not found:
+        raise CLIError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in folder '{folder}'")
+    return found
+
+
+def collect_images(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``, in order, each once.
+
+    A pattern is an existing file (taken whatever its extension), a folder (the files
+    directly inside with an image extension, sorted by name) or a glob pattern (the matching
+    files, sorted; ``**`` matches sub-folders).
+
+    Raises:
+        CLIError: a path that does not exist, a folder without images, or a glob that
+            matches no file (the message names each).
+    """
+    found: list[Path] = []
+    missing: list[str] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(_images_in_folder(path))
+        elif glob.has_magic(pattern):
+            matches = sorted(glob.glob(str(path), recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise CLIError(f"no file matches the pattern '{pattern}'")
+            found.extend(files)
+        else:
+            missing.append(pattern)
+    if missing:
+        raise CLIError(f"image file(s) not found: {', '.join(missing)}")
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _same_size_batches(paths: Sequence[Path], batch_size: int) -> list[list[int]]:
+    """Indices of ``paths`` in batches of at most ``batch_size`` images of one stored size.
+
+    Sizes come from the file headers (nothing is decoded); a file whose header cannot be
+    read gets a batch of its own, where decoding it reports the error.
+    """
+    groups: dict[Any, list[int]] = {}
+    for index, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                key: Any = image.size
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            key = ("unreadable", index)  # decoding it in its own batch reports the problem
+        groups.setdefault(key, []).append(index)
+    return [
+        group[start : start + batch_size]
+        for group in groups.values()
+        for start in range(0, len(group), batch_size)
+    ]
+
+
+def detect_in_batches(
+    model: torch.nn.Module,
+    postprocess: Any,
+    transform: Any,
+    paths: Sequence[Path],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> Iterator[tuple[int, Image.Image, dict[str, torch.Tensor]]]:
+    """Run ``model`` on the images of ``paths``, up to ``batch_size`` at a time.
+
+    Only images of the same size share a batch, so none is padded: DETR's output for an image
+    changes when the batch pads it (the backbone sees the padding), and an image's detections
+    must not depend on the other images given. A folder of photos from one camera runs in
+    full batches; images of many sizes run in smaller ones.
+
+    Args:
+        model: DETR in eval mode on ``device``.
+        postprocess: ``postprocessors["bbox"]``: ``(outputs, (B, 2) [h, w]) -> list of dicts``.
+        transform: the validation transform, ``(image, None) -> ((3, H, W) tensor, None)``.
+        paths: the image files.
+        batch_size: most images per forward pass.
+        device: where the model runs.
+        progress: show a tqdm bar (only when stderr is a terminal).
+
+    Yields:
+        Per image, grouped by size rather than in the order of ``paths``: its index in
+        ``paths``, the decoded RGB image and its detections, ``scores`` (Q,), ``labels``
+        (Q,), ``boxes`` (Q, 4) absolute ``[x0, y0, x1, y1]`` pixels, on the CPU.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
+
+    bar = tqdm(
+        total=len(paths),
+        desc="predict",
+        unit="img",
+        disable=not (progress and sys.stderr.isatty()),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for batch in _same_size_batches(paths, batch_size):
+            images = [_load_image(paths[index]) for index in batch]
+            tensors = [transform(image, None)[0] for image in images]
+            sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
+            with torch.no_grad():
+                outputs = model(nested_tensor_from_tensor_list(tensors).to(device))
+                results = postprocess(outputs, sizes)
+            for index, image, result in zip(batch, images, results, strict=True):
+                yield index, image, {key: value.cpu() for key, value in result.items()}
+            bar.update(len(images))
+    finally:
+        bar.close()
+
+
+def _draw_and_list(
+    image: Image.Image,
+    result: Mapping[str, torch.Tensor],
+    image_path: Path,
+    out_path: Path,
+    class_names: Mapping[int, str],
+    threshold: float,
+) -> dict[str, Any]:
+    """Draw the detections scoring at least ``threshold`` to ``out_path``; their listing."""
+    from detr_irpe.visualize import draw_detections
+
+    keep = result["scores"] >= threshold
+    boxes, labels, scores = result["boxes"][keep], result["labels"][keep], result["scores"][keep]
+    draw_detections(
+        image,
+        boxes,
+        labels,
+        scores,
+        class_names=class_names,
+        score_threshold=threshold,
+        path=out_path,
+    )
+    detections = [
+        {
+            "label": int(label),
+            "name": class_names.get(int(label), str(int(label))),
+            "score": float(score),
+            "box": [float(v) for v in box],
+        }
+        for box, label, score in zip(boxes, labels, scores, strict=True)
+    ]
+    logger.info("%s: %d detection(s) -> %s", image_path, len(detections), out_path)
+    return {"image": str(image_path), "output": str(out_path), "detections": detections}
 
 
 def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
@@ -95,9 +280,7 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     from detr_irpe.checkpoint import model_from_checkpoint
     from detr_irpe.config import prepare_options
     from detr_irpe.data.transforms import make_transforms
-    from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
     from detr_irpe.utils.logging import setup_logging
-    from detr_irpe.visualize import draw_detections
 
     args = prepare_options(args, needs_data=False)
     setup_logging(0)
@@ -105,11 +288,7 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         raise CLIError("--output_dir is required: where the PNG files are written")
     if not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    images = [Path(p) for p in args.images]
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise CLIError(f"image file(s) not found: {', '.join(missing)}")
-
+    images = collect_images(args.images)
     loaded = model_from_checkpoint(
         args.checkpoint, {name: getattr(args, name) for name in given}, base=args
     )
@@ -120,40 +299,21 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    listing = []
-    for image_path, out_path in zip(images, _output_paths(images, output_dir), strict=True):
-        image = _load_image(image_path)
-        tensor, _ = transform(image, None)
-        with torch.no_grad():
-            outputs = model(nested_tensor_from_tensor_list([tensor]).to(device))
-            orig_size = torch.tensor([[image.height, image.width]], device=device)
-            result = postprocessors["bbox"](outputs, orig_size)[0]
-        keep = result["scores"] >= args.threshold
-        boxes = result["boxes"][keep].cpu()
-        labels = result["labels"][keep].cpu()
-        scores = result["scores"][keep].cpu()
-        draw_detections(
-            image,
-            boxes,
-            labels,
-            scores,
-            class_names=class_names,
-            score_threshold=args.threshold,
-            path=out_path,
+    out_paths = _output_paths(images, output_dir)
+    detections = detect_in_batches(
+        model,
+        postprocessors["bbox"],
+        transform,
+        images,
+        args.batch_size,
+        device,
+        progress=args.progress,
+    )
+    listing: list[dict[str, Any]] = [{} for _ in images]
+    for index, image, result in detections:
+        listing[index] = _draw_and_list(
+            image, result, images[index], out_paths[index], class_names, args.threshold
         )
-        detections = [
-            {
-                "label": int(label),
-                "name": class_names.get(int(label), str(int(label))),
-                "score": float(score),
-                "box": [float(v) for v in box],
-            }
-            for box, label, score in zip(boxes, labels, scores, strict=True)
-        ]
-        listing.append(
-            {"image": str(image_path), "output": str(out_path), "detections": detections}
-        )
-        logger.info("%s: %d detection(s) -> %s", image_path, len(detections), out_path)
     write_json(output_dir / "detections.json", listing)
 
 

@@ -1,11 +1,16 @@
-"""``detr-irpe-synthetic OUT_DIR``: write the synthetic shapes dataset in the COCO layout."""
+"""``detr-irpe-synthetic OUT_DIR``: write the synthetic shapes dataset in the COCO layout.
+
+Options are spelled with underscores like every other programme's (``--num_train``); the
+hyphenated spellings (``--num-train``) are accepted as aliases.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from detr_irpe.cli.errors import CLIError, run_cli
 from detr_irpe.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig, generate_synthetic_coco
@@ -18,6 +23,20 @@ PROG = "detr-irpe-synthetic"
 logger = logging.getLogger(__name__)
 
 
+def _add_option(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
+    """``option(name, **kwargs)``: add ``--name`` with its hyphenated spelling as an alias.
+
+    Every programme of the package spells options with underscores (``--num_train``); the
+    hyphenated spellings (``--num-train``) were this programme's first ones and still work.
+    """
+
+    def option(name: str, **kwargs: Any) -> argparse.Action:
+        kwargs.setdefault("dest", name)
+        return parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", **kwargs)
+
+    return option
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(
@@ -27,28 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(or .zip archives); train on it with --coco_path OUT_DIR.",
     )
     parser.add_argument("out_dir", help="dataset root to create")
-    parser.add_argument("--num-train", type=int, default=defaults.num_train, help="train images")
-    parser.add_argument("--num-val", type=int, default=defaults.num_val, help="val images")
-    parser.add_argument(
-        "--image-size", type=int, default=defaults.image_size, help="longest image side (px)"
-    )
-    parser.add_argument(
-        "--min-image-size",
+    option = _add_option(parser)
+    option("num_train", type=int, default=defaults.num_train, help="train images")
+    option("num_val", type=int, default=defaults.num_val, help="val images")
+    option("image_size", type=int, default=defaults.image_size, help="longest image side (px)")
+    option(
+        "min_image_size",
         type=int,
         default=None,
-        help="shortest image side (px; default 3/4 of --image-size)",
+        help="shortest image side (px; default 3/4 of --image_size)",
     )
-    parser.add_argument(
-        "--max-objects", type=int, default=defaults.max_objects, help="objects per image, at most"
-    )
+    option("max_objects", type=int, default=defaults.max_objects, help="objects per image, at most")
     parser.add_argument(
         "--difficulty",
         type=float,
         default=defaults.difficulty,
         help="0 (large objects, clean backgrounds) to 1 (small objects, clutter)",
     )
-    parser.add_argument(
-        "--class-colors",
+    option(
+        "class_colors",
         action="store_true",
         help="draw each class in its own hue (a colour cue besides the shape)",
     )
@@ -57,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--zip", action="store_true", help="write train2017.zip/val2017.zip instead of folders"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    option("no_progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
 

@@ -11,6 +11,7 @@ from detr_irpe.data.coco import (
     load_coco_annotations,
     num_classes_from_annotations,
 )
+from detr_irpe.data.images import load_rgb
 from detr_irpe.data.synthetic import (
     SYNTHETIC_CATEGORIES,
     SyntheticConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "generate_synthetic_coco",
     "get_coco_api",
     "load_coco_annotations",
+    "load_rgb",
     "make_transforms",
     "num_classes_from_annotations",
     "render_sample",

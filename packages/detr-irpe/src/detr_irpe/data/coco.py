@@ -1,23 +1,19 @@
 """COCO detection dataset: images from folders or unextracted zips, targets as DETR expects.
 
-Layout under ``coco_path`` (spec detr-irpe.md §5.1)::
+Layout under ``coco_path``::
 
     annotations/instances_train2017.json   annotations/instances_val2017.json
     train2017/ or train2017.zip            val2017/ or val2017.zip
 
-The annotation file is validated before pycocotools indexes it, so a malformed record is
-reported with the file, the image id and the annotation id instead of failing later inside a
-DataLoader worker. With ``skip_bad_samples`` such images are dropped with a warning, and an
-image that cannot be read is replaced by the next readable one.
+The annotation file is validated by :mod:`detr_irpe.data.coco_annotations` before use (its
+``AnnotationError`` and ``load_coco_annotations`` stay importable from here). With
+``skip_bad_samples`` malformed records are dropped with a warning, and an image that cannot
+be read is replaced by the next readable one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
-import math
 import os
 import zipfile
 from argparse import Namespace
@@ -30,6 +26,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Subset
 
+from detr_irpe.data.coco_annotations import (
+    AnnotationError,
+    load_coco_annotations,
+    read_categories,
+)
+from detr_irpe.data.images import ImageLoadError, load_rgb
 from detr_irpe.data.zip_reader import ImageFileReader
 
 __all__ = [
@@ -55,193 +57,11 @@ SPLITS: dict[str, tuple[str, str]] = {
     "val": ("val2017", "annotations/instances_val2017.json"),
 }
 
-# How many skipped records are logged one by one before only a total is given.
-_MAX_LOGGED_SKIPS = 10
-
-
-class AnnotationError(ValueError):
-    """An annotation file or one of its records is malformed; the message names both."""
-
-
-class ImageLoadError(OSError):
-    """An image is missing or cannot be decoded; the message names the file and image id."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _read_json(ann_file: Path) -> dict[str, Any]:
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"annotation file not found: '{ann_file}'")
-    try:
-        with ann_file.open("rb") as stream:
-            data = json.load(stream)
-    except json.JSONDecodeError as err:
-        raise AnnotationError(
-            f"{ann_file}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise AnnotationError(f"{ann_file}: not UTF-8 text: {err}") from None
-    if not isinstance(data, dict):
-        raise AnnotationError(f"{ann_file}: the top level must be a JSON object")
-    return data
-
-
-def _validate_categories(ann_file: Path, data: Mapping[str, Any]) -> dict[int, str]:
-    categories = data.get("categories")
-    if not isinstance(categories, list) or not categories:
-        raise AnnotationError(f"{ann_file}: needs a non-empty list 'categories'")
-    names: dict[int, str] = {}
-    for index, category in enumerate(categories):
-        if not isinstance(category, dict) or not _is_int(category.get("id")):
-            raise AnnotationError(f"{ann_file}: category #{index} has no integer 'id'")
-        category_id = category["id"]
-        if category_id < 0:
-            raise AnnotationError(f"{ann_file}: category id {category_id} is negative")
-        if category_id in names:
-            raise AnnotationError(f"{ann_file}: category id {category_id} appears twice")
-        names[category_id] = str(category.get("name", category_id))
-    return names
-
-
-def _image_problem(image: object, seen: Mapping[int, object]) -> str | None:
-    if not isinstance(image, dict) or not _is_int(image.get("id")):
-        return "has no integer 'id'"
-    if image["id"] in seen:
-        return "appears twice"
-    file_name = image.get("file_name")
-    if not isinstance(file_name, str) or not file_name:
-        return "has no 'file_name'"
-    return None
-
-
-def _annotation_problem(ann: Mapping[str, Any], category_ids: Mapping[int, str]) -> str | None:
-    bbox = ann.get("bbox")
-    if (
-        not isinstance(bbox, (list, tuple))
-        or len(bbox) != 4
-        or not all(_is_finite_number(v) for v in bbox)
-    ):
-        return f"'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}"
-    if bbox[2] < 0 or bbox[3] < 0:
-        return f"'bbox' has a negative width or height: {bbox!r}"
-    if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
-        return f"unknown 'category_id' {ann.get('category_id')!r}"
-    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
-        return f"'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}"
-    if "area" in ann and not _is_finite_number(ann["area"]):
-        return f"'area' must be a finite number, got {ann['area']!r}"
-    return None
-
-
-class _SkipLog:
-    """Reports skipped records: the first few one by one, then only how many."""
-
-    def __init__(self, ann_file: Path, skip: bool) -> None:
-        self.ann_file, self.skip, self.count = ann_file, skip, 0
-
-    def __call__(self, message: str) -> None:
-        if not self.skip:
-            raise AnnotationError(f"{self.ann_file}: {message}")
-        self.count += 1
-        if self.count <= _MAX_LOGGED_SKIPS:
-            logger.warning("skipping bad sample: %s: %s", self.ann_file, message)
-
-    def summary(self) -> None:
-        if self.count:
-            logger.warning("%s: skipped %d bad record(s) in total", self.ann_file, self.count)
-
-
-def load_coco_annotations(ann_file: str | os.PathLike[str], skip_bad_samples: bool = False) -> COCO:
-    """Validate a COCO ``instances_*.json`` and index it with pycocotools.
-
-    Checked: the file exists and is JSON; ``categories`` is a non-empty list of unique integer
-    ids; each image has a unique integer ``id`` and a ``file_name``; each annotation has a
-    unique integer ``id``, an ``image_id`` of a listed image, a ``category_id`` of a listed
-    category, a ``bbox`` of 4 finite numbers with ``w, h >= 0``, ``iscrowd`` in {0, 1} and a
-    finite ``area`` when present. A missing ``iscrowd`` becomes 0 and a missing ``area``
-    becomes ``w * h`` (COCO evaluation needs both).
-
-    Args:
-        ann_file: the annotation file.
-        skip_bad_samples: drop a bad image record, or an image with a bad annotation (the
-            whole image, so that no object silently becomes background), with a warning.
-            Problems with the file itself or its categories always raise.
-
-    Returns:
-        A ``pycocotools.coco.COCO`` built from the (cleaned) records.
-
-    Raises:
-        FileNotFoundError: ``ann_file`` does not exist.
-        AnnotationError: malformed file or record; names the file, image id and annotation id.
-    """
-    ann_file = Path(ann_file)
-    data = _read_json(ann_file)
-    category_ids = _validate_categories(ann_file, data)
-    images = data.get("images")
-    if not isinstance(images, list):
-        raise AnnotationError(f"{ann_file}: needs a list 'images'")
-    annotations = data.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise AnnotationError(f"{ann_file}: 'annotations' must be a list")
-    skipped = _SkipLog(ann_file, skip_bad_samples)
-
-    good_images: dict[int, dict[str, Any]] = {}
-    for index, image in enumerate(images):
-        problem = _image_problem(image, good_images)
-        if problem is not None:
-            image_id = image.get("id") if isinstance(image, dict) else None
-            skipped(f"image record #{index} (image id {image_id!r}) {problem}")
-            continue
-        good_images[image["id"]] = image
-
-    bad_image_ids: set[int] = set()
-    annotation_ids: set[int] = set()
-    kept_annotations: list[dict[str, Any]] = []
-    for index, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            skipped(f"annotation record #{index} has no integer 'id'")
-            if isinstance(ann, dict) and ann.get("image_id") in good_images:
-                bad_image_ids.add(ann["image_id"])
-            continue
-        ann_id, image_id = ann["id"], ann.get("image_id")
-        if ann_id in annotation_ids:
-            skipped(f"annotation id {ann_id} appears twice")
-            continue
-        if not _is_int(image_id) or image_id not in good_images:
-            skipped(f"annotation id {ann_id}: 'image_id' {image_id!r} is not a listed image")
-            continue
-        problem = _annotation_problem(ann, category_ids)
-        if problem is not None:
-            file_name = good_images[image_id]["file_name"]
-            skipped(f"annotation id {ann_id} (image id {image_id}, '{file_name}'): {problem}")
-            bad_image_ids.add(image_id)
-            continue
-        annotation_ids.add(ann_id)
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
-        kept_annotations.append(ann)
-    skipped.summary()
-
-    data["images"] = [img for i, img in good_images.items() if i not in bad_image_ids]
-    data["annotations"] = [a for a in kept_annotations if a["image_id"] not in bad_image_ids]
-    coco = COCO()
-    coco.dataset = data
-    # pycocotools reports progress with print(); keep it off the user's console.
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
 
 def coco_annotations_to_target(
     annotations: Sequence[Mapping[str, Any]], image_id: int, width: int, height: int
 ) -> Target:
-    """DETR's target for one image (spec detr-irpe.md §5.1, ``ConvertCocoPolysToMask``).
+    """DETR's target for one image, as the original's ``ConvertCocoPolysToMask`` builds it.
 
     Crowd annotations (``iscrowd == 1``) are dropped; ``[x, y, w, h]`` becomes
     ``[x, y, x + w, y + h]`` (float32), x is clamped to ``[0, width]`` and y to
@@ -329,18 +149,15 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
             ImageLoadError: the file is missing or cannot be decoded (names file and image id).
         """
         file_name = self.coco.imgs[image_id]["file_name"]
-        where = self.reader.describe(file_name)
+        where = f"image id {image_id} ({self.ann_file.name})"
         try:
             data = self.reader.read(file_name)
         except (OSError, zipfile.BadZipFile) as err:
-            raise ImageLoadError(f"image id {image_id} ({self.ann_file.name}): {err}") from err
+            raise ImageLoadError(f"{where}: {err}") from err
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ImageLoadError(
-                f"image id {image_id} ({self.ann_file.name}): cannot decode {where}: {err}"
-            ) from err
+            return load_rgb(data, self.reader.describe(file_name))
+        except ImageLoadError as err:
+            raise ImageLoadError(f"{where}: {err}") from err
 
     def load_target(self, image_id: int, width: int, height: int) -> Target:
         """The target of ``image_id`` for an image of ``width`` x ``height`` pixels."""
@@ -387,32 +204,34 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
     off), ``args.skip_bad_samples`` and the transform options of
     :func:`detr_irpe.data.transforms.make_transforms`.
 
+    ``args`` are completed options (:func:`detr_irpe.config.prepare_options` has checked
+    ``coco_path``, ``dataset_file`` and ``masks``).
+
     Raises:
-        ValueError: unknown ``image_set``, ``dataset_file`` or no ``coco_path``.
-        NotImplementedError: ``--masks``.
+        ValueError: unknown ``image_set``.
         FileNotFoundError: the annotation file, or both the image folder and its zip, missing.
+        AnnotationError: a malformed annotation file, or a split without images.
+        ArchiveError: the image zip is not readable (e.g. truncated).
     """
     from detr_irpe.data.transforms import make_transforms
 
     if image_set not in SPLITS:
         raise ValueError(f"image_set must be one of {sorted(SPLITS)}, got {image_set!r}")
-    dataset_file = getattr(args, "dataset_file", "coco")
-    if dataset_file != "coco":
-        raise ValueError(f"--dataset_file {dataset_file!r} is not supported; only 'coco' is")
-    if getattr(args, "masks", False):
-        raise NotImplementedError("segmentation (--masks) is not supported by detr-irpe")
-    if not getattr(args, "coco_path", None):
-        raise ValueError("--coco_path is required: the folder holding annotations/ and images")
     root = Path(args.coco_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--coco_path '{root}' is not a directory")
     folder, ann_file = SPLITS[image_set]
-    return CocoDetection(
+    skip_bad_samples = bool(args.skip_bad_samples)
+    dataset = CocoDetection(
         root / folder,
         root / ann_file,
         transforms=make_transforms(image_set, args),
-        skip_bad_samples=bool(getattr(args, "skip_bad_samples", False)),
+        skip_bad_samples=skip_bad_samples,
     )
+    if len(dataset) == 0:
+        # Refused now: an empty split would otherwise fail only after a whole training epoch,
+        # inside pycocotools' evaluation (val) or the sampler (train).
+        dropped = " once the bad records were skipped" if skip_bad_samples else ""
+        raise AnnotationError(f"{root / ann_file}: the {image_set} split has no images{dropped}")
+    return dataset
 
 
 def _categories_of(source: COCO | CocoDetection | str | os.PathLike[str]) -> dict[int, str]:
@@ -420,8 +239,7 @@ def _categories_of(source: COCO | CocoDetection | str | os.PathLike[str]) -> dic
         source = source.coco
     if isinstance(source, COCO):
         return {cat_id: str(cat.get("name", cat_id)) for cat_id, cat in source.cats.items()}
-    path = Path(source)
-    return _validate_categories(path, _read_json(path))
+    return read_categories(source)
 
 
 def num_classes_from_annotations(source: COCO | CocoDetection | str | os.PathLike[str]) -> int:

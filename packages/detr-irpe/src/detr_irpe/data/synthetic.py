@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from detr_irpe.atomic import write_text
+
 __all__ = [
     "SYNTHETIC_CATEGORIES",
     "SyntheticConfig",
@@ -370,7 +372,7 @@ def _write_split(
         ],
     }
     ann_path = out_dir / "annotations" / f"instances_{split}2017.json"
-    ann_path.write_text(json.dumps(coco, separators=(",", ":")), encoding="utf-8")
+    write_text(ann_path, json.dumps(coco, separators=(",", ":")))
     logger.info("wrote %d %s images, %d objects", count, split, len(annotations))
 
 

@@ -1,4 +1,4 @@
-"""DETR's joint image/target augmentations (spec detr-irpe.md §5.2).
+"""DETR's joint image/target augmentations, computing the same numbers as the original DETR's.
 
 Every transform is a callable ``(image, target) -> (image, target)``. ``image`` is a
 ``PIL.Image`` until :class:`ToTensor` (a ``(3, H, W)`` tensor after it); ``target`` is the
@@ -322,14 +322,14 @@ def make_transforms(image_set: str, args: Namespace) -> Compose:
     :class:`ToTensor` and ImageNet :class:`Normalize`. ``scales`` is ``args.train_scales``
     (default :data:`DEFAULT_TRAIN_SCALES`), ``max_size`` is ``args.train_max_size``.
     Val: ``RandomResize([args.val_size], args.val_max_size)``, ToTensor, Normalize.
-    Options missing from ``args`` (an original namespace) take the original's values.
+    ``args`` are completed options (:func:`detr_irpe.config.complete_args`).
     """
     normalize = Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if image_set == "train":
-        scales = list(getattr(args, "train_scales", None) or DEFAULT_TRAIN_SCALES)
-        max_size = getattr(args, "train_max_size", 1333)
+        scales = list(args.train_scales or DEFAULT_TRAIN_SCALES)
+        max_size = args.train_max_size
         resize_step: Transform = RandomResize(scales, max_size=max_size)
-        if getattr(args, "crop_aug", True):
+        if args.crop_aug:
             pre_resize, (crop_min, crop_max) = crop_branch_sizes(scales)
             resize_step = RandomSelect(
                 resize_step,
@@ -341,10 +341,10 @@ def make_transforms(image_set: str, args: Namespace) -> Compose:
                     ]
                 ),
             )
-        flip = [RandomHorizontalFlip()] if getattr(args, "flip_aug", True) else []
+        flip = [RandomHorizontalFlip()] if args.flip_aug else []
         return Compose([*flip, resize_step, normalize])
     if image_set in ("val", "test"):
-        size = getattr(args, "val_size", 800)
-        max_size = getattr(args, "val_max_size", 1333)
+        size = args.val_size
+        max_size = args.val_max_size
         return Compose([RandomResize([size], max_size=max_size), normalize])
     raise ValueError(f"unknown image_set {image_set!r}; expected 'train', 'val' or 'test'")

@@ -1,6 +1,6 @@
 """Read image files from a folder or, when the folder is absent, from ``<folder>.zip``.
 
-COCO users keep ``train2017.zip``/``val2017.zip`` unextracted (spec detr-irpe.md §5.1). An
+COCO users may keep ``train2017.zip``/``val2017.zip`` unextracted next to the annotations. An
 :class:`ImageFileReader` is built for one image folder and decides **once**, from what exists
 on disk, whether it reads files from the folder or members from the archive; the member name
 of ``file_name`` is ``basename(folder) + '/' + file_name`` (e.g. ``train2017/000000000009.jpg``).
@@ -20,12 +20,35 @@ import os
 import threading
 import zipfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-__all__ = ["ImageFileReader"]
+from detr_irpe.data.images import ImageLoadError
+
+__all__ = ["ArchiveError", "ImageFileReader", "unsafe_path_reason"]
 
 logger = logging.getLogger(__name__)
+
+
+class ArchiveError(ImageLoadError, zipfile.BadZipFile):
+    """An image archive is not a readable zip file (e.g. truncated), or one of its members is
+    corrupt; the message names the archive. Also a ``zipfile.BadZipFile``."""
+
+
+def unsafe_path_reason(file_name: str) -> str | None:
+    """Why ``file_name`` may not be read relative to an image folder, or ``None`` when it may.
+
+    A dataset's ``file_name`` must stay inside its image folder: absolute paths (POSIX or
+    Windows, drive letters included) and ``..`` components (with ``/`` or ``\\`` as
+    separator) are refused, so an annotation file cannot make the reader open arbitrary files.
+    """
+    if "\0" in file_name:
+        return "contains a NUL character"
+    if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
+        return "is an absolute path"
+    if ".." in file_name.replace("\\", "/").split("/"):
+        return "has a '..' component that leaves the image folder"
+    return None
 
 
 class ImageFileReader:
@@ -37,7 +60,7 @@ class ImageFileReader:
 
     Raises:
         FileNotFoundError: neither the folder nor the archive exists (both paths are named).
-        zipfile.BadZipFile: the archive is not a readable zip file (the archive is named).
+        ArchiveError: the archive is not a readable zip file, e.g. truncated (it is named).
 
     Attributes:
         folder: the folder as given.
@@ -87,10 +110,14 @@ class ImageFileReader:
         """The bytes of ``file_name`` (a path relative to the image folder).
 
         Raises:
+            ImageLoadError: ``file_name`` is absolute or leaves the folder (``..``).
             FileNotFoundError: the file, or the archive member, does not exist.
-            zipfile.BadZipFile: the archive or the member is corrupt.
+            ArchiveError: the archive or the member is corrupt.
             OSError: the file cannot be read.
         """
+        reason = unsafe_path_reason(file_name)
+        if reason is not None:
+            raise ImageLoadError(f"refusing to read image '{file_name}': it {reason}")
         if self.archive is None:
             path = self.folder / file_name
             try:
@@ -106,7 +133,7 @@ class ImageFileReader:
                 f"image not found: no member '{member}' in archive '{self.archive}'"
             ) from None
         except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError) as err:
-            raise zipfile.BadZipFile(
+            raise ArchiveError(
                 f"cannot read member '{member}' of archive '{self.archive}': {err}"
             ) from err
 
@@ -123,9 +150,11 @@ class ImageFileReader:
             if self._zip is None:
                 try:
                     self._zip = zipfile.ZipFile(self.archive, "r")
-                except zipfile.BadZipFile as err:
-                    raise zipfile.BadZipFile(
-                        f"'{self.archive}' is not a readable zip archive: {err}"
+                except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as err:
+                    # A cut-off download loses the central directory at the end of the file.
+                    raise ArchiveError(
+                        f"'{self.archive}' is not a readable zip archive (truncated or "
+                        f"corrupt? download it again): {err}"
                     ) from err
                 self._zip_pid = pid
             return self._zip

@@ -11,13 +11,9 @@ from detr_irpe.utils.distributed import (
     is_main_process,
     reduce_dict,
 )
-from detr_irpe.utils.logging import (
-    JsonLinesLog,
-    MetricLogger,
-    SmoothedValue,
-    TensorBoardLog,
-    setup_logging,
-)
+from detr_irpe.utils.logging import setup_logging
+from detr_irpe.utils.meters import MetricLogger, SmoothedValue
+from detr_irpe.utils.run_log import JsonLinesLog, TensorBoardLog
 
 __all__ = [
     "JsonLinesLog",
