@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from detr_irpe.config import complete_args, prepare_options
 from detr_irpe.data import (
     AnnotationError,
     CocoDetection,
@@ -47,7 +48,7 @@ def data_args(root: Path, **overrides) -> Namespace:
         "val_max_size": 96,
     }
     values.update(overrides)
-    return Namespace(**values)
+    return complete_args(Namespace(**values))  # the data code reads completed options
 
 
 def copy_root(src: Path, tmp_path: Path) -> Path:
@@ -246,12 +247,13 @@ def test_missing_annotation_file(synthetic_coco_root, tmp_path):
         ({"masks": True}, NotImplementedError, "masks"),
         ({"dataset_file": "coco_panoptic"}, ValueError, "coco_panoptic"),
         ({"coco_path": None}, ValueError, "coco_path"),
-        ({"coco_path": "/does/not/exist"}, FileNotFoundError, "/does/not/exist"),
+        ({"coco_path": "/does/not/exist"}, ValueError, "/does/not/exist"),
     ],
 )
 def test_unsupported_options(synthetic_coco_root, overrides, error, pattern):
+    """Refused at the programmes' one boundary, before any dataset is built."""
     with pytest.raises(error, match=pattern):
-        build_dataset("train", data_args(synthetic_coco_root, **overrides))
+        prepare_options(data_args(synthetic_coco_root, **overrides))
 
 
 def test_unknown_image_set(synthetic_coco_root):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from detr_irpe.cli.common import run_cli
+from detr_irpe.cli.errors import run_cli
+from detr_irpe.config import complete_args
 from detr_irpe.data import AnnotationError, ImageLoadError, build_dataset
 from detr_irpe.data.coco import num_classes_from_annotations
 from detr_irpe.data.coco_annotations import MAX_CATEGORY_ID
@@ -26,7 +27,7 @@ def data_args(root: Path, **overrides) -> Namespace:
     values = {"coco_path": str(root), "skip_bad_samples": False, "val_size": 56}
     values.update({"val_max_size": 96, "train_scales": [48], "train_max_size": 96})
     values.update(overrides)
-    return Namespace(**values)
+    return complete_args(Namespace(**values))  # the data code reads completed options
 
 
 def edit_json(path: Path, edit) -> None:

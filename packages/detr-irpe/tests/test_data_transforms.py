@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms as transforms_v1
 from PIL import Image, ImageDraw
 
+from detr_irpe.config import complete_args
 from detr_irpe.data.transforms import (
     DEFAULT_TRAIN_SCALES,
     IMAGENET_MEAN,
@@ -267,7 +268,7 @@ def args_for(**overrides) -> Namespace:
         "val_max_size": 1333,
     }
     values.update(overrides)
-    return Namespace(**values)
+    return complete_args(Namespace(**values))  # the data code reads completed options
 
 
 def naive_train_pipeline(w, h, boxes, labels, scales, max_size, pre, crop_range):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from detr_irpe.checkpoint import make_checkpoint, save_checkpoint
-from detr_irpe.cli.common import CLIError
+from detr_irpe.cli.errors import CLIError
 from detr_irpe.cli.predict import collect_images, detect_in_batches
 from detr_irpe.cli.predict import main as predict_main
 
@@ -153,18 +153,19 @@ def test_batches_give_the_detections_of_one_image_at_a_time(model_and_checkpoint
 
 
 def test_same_size_images_share_a_batch(model_and_checkpoint, photos, monkeypatch):
-    from detr_irpe.cli import predict as predict_module
 
     for copy in range(5):
         shutil.copy(photos / "000000000001.png", photos / f"same_{copy}.png")
     paths = collect_images([str(photos / "same_*.png"), str(photos / "000000000002.png")])
     batch_sizes = []
-    real = predict_module.nested_tensor_from_tensor_list
+    import detr_irpe.nested_tensor as nested_module
+
+    real = nested_module.nested_tensor_from_tensor_list
 
     def spy(tensors):
         batch_sizes.append(len(tensors))
         return real(tensors)
 
-    monkeypatch.setattr(predict_module, "nested_tensor_from_tensor_list", spy)
+    monkeypatch.setattr(nested_module, "nested_tensor_from_tensor_list", spy)
     run_detection(model_and_checkpoint, paths, batch_size=3)
     assert batch_sizes == [3, 2, 1]

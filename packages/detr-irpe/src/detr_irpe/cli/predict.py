@@ -211,7 +211,7 @@ def detect_in_batches(
     import torch
     from tqdm import tqdm
 
-    from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
+    from detr_irpe import nested_tensor
 
     bar = tqdm(
         total=len(paths),
@@ -227,7 +227,7 @@ def detect_in_batches(
             tensors = [transform(image, None)[0] for image in images]
             sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
             with torch.no_grad():
-                outputs = model(nested_tensor_from_tensor_list(tensors).to(device))
+                outputs = model(nested_tensor.nested_tensor_from_tensor_list(tensors).to(device))
                 results = postprocess(outputs, sizes)
             for index, image, result in zip(batch, images, results, strict=True):
                 yield index, image, {key: value.cpu() for key, value in result.items()}
