@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,3 +89,54 @@ def make_args(synthetic_coco_root: Path) -> Callable[..., Namespace]:
 def tiny_args(make_args: Callable[..., Namespace]) -> Namespace:
     """Tiny model and image options on ``synthetic_coco_root``."""
     return make_args()
+
+
+# Command-line flags of the programme tests: a model unlike the defaults (so that "took the
+# defaults" cannot pass for "took the checkpoint's") and a fast CPU run on small images.
+TINY_CLI_MODEL: list[str] = [
+    "--backbone", "resnet18", "--hidden_dim", "32", "--dim_feedforward", "64",
+    "--enc_layers", "1", "--dec_layers", "2", "--nheads", "2", "--num_queries", "5",
+    "--enc_rpe2d", "rpe-2.0-product-ctx-1-k",
+]  # fmt: skip
+TINY_CLI_RUN: list[str] = [
+    "--backbone_weights", "none", "--lr_backbone", "0", "--batch_size", "2",
+    "--num_workers", "0", "--device", "cpu", "--no_progress",
+    "--train_scales", "64", "80", "--train_max_size", "128",
+    "--val_size", "80", "--val_max_size", "128",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_cli() -> tuple[list[str], list[str]]:
+    """``(model flags, run flags)`` of the programme tests (copies: mutate freely)."""
+    return list(TINY_CLI_MODEL), list(TINY_CLI_RUN)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: several test processes share few cores, and OpenMP threads that
+    spin-wait on a busy machine make each step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(synthetic_coco_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder (read-only: copy it) of ``detr-irpe-train`` with the tiny CLI flags for
+    one epoch: ``checkpoint.pth`` and ``log.txt``."""
+    import torch
+
+    from detr_irpe.cli.train import main as train_main
+
+    out = tmp_path_factory.mktemp("one_epoch_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    argv = [*TINY_CLI_MODEL, *TINY_CLI_RUN, "--coco_path", str(synthetic_coco_root)]
+    status = train_main([*argv, "--output_dir", str(out), "--epochs", "1"])
+    torch.set_num_threads(threads)
+    assert status == 0
+    return out

@@ -8,46 +8,17 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLI_MODEL as MODEL
+from conftest import TINY_CLI_RUN as RUN
 
 from detr_irpe.checkpoint import model_from_checkpoint, read_checkpoint
 from detr_irpe.cli.train import main as train_main
 
-# A model unlike the defaults, so that "took the defaults" cannot pass for "took the
-# checkpoint's": ResNet-18, width 32, 1 + 2 layers, iRPE on keys.
-MODEL = [
-    "--backbone", "resnet18", "--hidden_dim", "32", "--dim_feedforward", "64",
-    "--enc_layers", "1", "--dec_layers", "2", "--nheads", "2", "--num_queries", "5",
-    "--enc_rpe2d", "rpe-2.0-product-ctx-1-k",
-]  # fmt: skip
-RUN = [
-    "--backbone_weights", "none", "--lr_backbone", "0", "--batch_size", "2",
-    "--num_workers", "0", "--device", "cpu", "--no_progress",
-    "--train_scales", "64", "80", "--train_max_size", "128",
-    "--val_size", "80", "--val_max_size", "128",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def first_run(synthetic_coco_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of the small model: ``checkpoint.pth`` and ``log.txt``."""
-    out = tmp_path_factory.mktemp("first_run")
-    torch.set_num_threads(1)
-    argv = [*MODEL, *RUN, "--coco_path", str(synthetic_coco_root), "--output_dir", str(out)]
-    assert train_main([*argv, "--epochs", "1"]) == 0
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -61,14 +32,15 @@ def _train(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, st
 
 
 def test_finetune_without_model_flags_keeps_the_checkpoint_architecture(
-    first_run: Path, synthetic_coco_root: Path, tmp_path: Path
+    one_epoch_run: Path, synthetic_coco_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "tuned"
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--output_dir", str(out)]
     assert (
-        train_main([*argv, "--finetune", str(first_run / "checkpoint.pth"), "--epochs", "1"]) == 0
+        train_main([*argv, "--finetune", str(one_epoch_run / "checkpoint.pth"), "--epochs", "1"])
+        == 0
     )
-    before = read_checkpoint(first_run / "checkpoint.pth")
+    before = read_checkpoint(one_epoch_run / "checkpoint.pth")
     after = read_checkpoint(out / "checkpoint.pth")
     for name in ("backbone", "hidden_dim", "enc_layers", "dec_layers", "nheads", "enc_rpe2d"):
         assert after["args"][name] == before["args"][name], name
@@ -77,28 +49,31 @@ def test_finetune_without_model_flags_keeps_the_checkpoint_architecture(
 
 
 def test_finetune_refuses_a_contradicting_model_flag(
-    first_run: Path, synthetic_coco_root: Path, capsys: pytest.CaptureFixture[str]
+    one_epoch_run: Path, synthetic_coco_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--hidden_dim", "64"]
-    status, err = _train([*argv, "--finetune", str(first_run / "checkpoint.pth")], capsys)
+    status, err = _train([*argv, "--finetune", str(one_epoch_run / "checkpoint.pth")], capsys)
     assert status == 2
     assert "--hidden_dim 64" in err and "32" in err
 
 
 def test_finetune_may_change_the_class_count_only(
-    first_run: Path, synthetic_coco_root: Path, tmp_path: Path
+    one_epoch_run: Path, synthetic_coco_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "tuned"
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--output_dir", str(out)]
-    finetune = ["--finetune", str(first_run / "checkpoint.pth"), "--epochs", "1"]
+    finetune = ["--finetune", str(one_epoch_run / "checkpoint.pth"), "--epochs", "1"]
     assert train_main([*argv, *finetune, "--num_classes", "9"]) == 0
     assert read_checkpoint(out / "checkpoint.pth")["model"]["class_embed.weight"].shape[0] == 10
 
 
 def test_finetune_that_would_leave_more_than_the_class_head_untrained_is_an_error(
-    first_run: Path, synthetic_coco_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    one_epoch_run: Path,
+    synthetic_coco_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    state = read_checkpoint(first_run / "checkpoint.pth")
+    state = read_checkpoint(one_epoch_run / "checkpoint.pth")
     state["model"] = {k: v for k, v in state["model"].items() if "decoder.layers.1." not in k}
     torch.save(state, tmp_path / "partial.pth")
     argv = [
@@ -113,10 +88,10 @@ def test_finetune_that_would_leave_more_than_the_class_head_untrained_is_an_erro
 
 
 def test_resume_takes_the_architecture_from_the_checkpoint(
-    first_run: Path, synthetic_coco_root: Path, tmp_path: Path
+    one_epoch_run: Path, synthetic_coco_root: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    shutil.copytree(first_run, run)
+    shutil.copytree(one_epoch_run, run)
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--output_dir", str(run)]
     assert train_main([*argv, "--resume", str(run / "checkpoint.pth"), "--epochs", "2"]) == 0
     state = read_checkpoint(run / "checkpoint.pth")
@@ -124,11 +99,11 @@ def test_resume_takes_the_architecture_from_the_checkpoint(
 
 
 def test_resume_restores_the_log_record_a_kill_lost(
-    first_run: Path, synthetic_coco_root: Path, tmp_path: Path
+    one_epoch_run: Path, synthetic_coco_root: Path, tmp_path: Path
 ) -> None:
     """Killed between the checkpoint's rename and its log line: the resumed run writes it."""
     run = tmp_path / "run"
-    shutil.copytree(first_run, run)
+    shutil.copytree(one_epoch_run, run)
     (run / "log.txt").write_text("")
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--output_dir", str(run)]
     assert train_main([*argv, "--resume", str(run / "checkpoint.pth"), "--epochs", "2"]) == 0
@@ -193,12 +168,12 @@ def test_backbone_weights_that_are_not_a_state_dict(
 def test_resume_of_a_corrupt_training_state_says_what_is_wrong(
     corrupt,
     message: str,
-    first_run: Path,
+    one_epoch_run: Path,
     synthetic_coco_root: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    state = read_checkpoint(first_run / "checkpoint.pth")
+    state = read_checkpoint(one_epoch_run / "checkpoint.pth")
     corrupt(state)
     torch.save(state, tmp_path / "bad.pth")
     argv = [*RUN, "--coco_path", str(synthetic_coco_root), "--resume", str(tmp_path / "bad.pth")]
@@ -206,11 +181,11 @@ def test_resume_of_a_corrupt_training_state_says_what_is_wrong(
     assert status == 1 and message in err and "bad.pth" in err
 
 
-def test_model_from_checkpoint_rebuilds_the_trained_model(first_run: Path) -> None:
-    loaded = model_from_checkpoint(first_run / "checkpoint.pth", {"device": "cpu"})
+def test_model_from_checkpoint_rebuilds_the_trained_model(one_epoch_run: Path) -> None:
+    loaded = model_from_checkpoint(one_epoch_run / "checkpoint.pth", {"device": "cpu"})
     assert loaded.args.hidden_dim == 32 and loaded.args.enc_rpe2d == "rpe-2.0-product-ctx-1-k"
     assert not loaded.model.training
-    state = read_checkpoint(first_run / "checkpoint.pth")["model"]
+    state = read_checkpoint(one_epoch_run / "checkpoint.pth")["model"]
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
 

@@ -353,6 +353,24 @@ def _preview(items: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _compare_keys(
+    weights: Mapping[str, Tensor], expected: Mapping[str, Tensor], drop_class_head: bool
+) -> tuple[list[str], list[str], list[tuple[str, torch.Size, torch.Size]]]:
+    """``(missing, unexpected, shape mismatches)`` of ``weights`` against the model's."""
+    missing = [
+        k
+        for k in expected
+        if k not in weights and not (drop_class_head and k.startswith(_CLASS_HEAD_PREFIX))
+    ]
+    unexpected = [k for k in weights if k not in expected]
+    mismatched = [
+        (k, v.shape, expected[k].shape)
+        for k, v in weights.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
+
+
 def load_checkpoint(
     path_or_state: str | os.PathLike[str] | Mapping[str, Any],
     model: nn.Module,
@@ -402,17 +420,7 @@ def load_checkpoint(
         skipped = [k for k in weights if k.startswith(_CLASS_HEAD_PREFIX)]
         weights = {k: v for k, v in weights.items() if not k.startswith(_CLASS_HEAD_PREFIX)}
 
-    missing = [
-        k
-        for k in expected
-        if k not in weights and not (drop_class_head and k.startswith(_CLASS_HEAD_PREFIX))
-    ]
-    unexpected = [k for k in weights if k not in expected]
-    mismatched = [
-        (k, v.shape, expected[k].shape)
-        for k, v in weights.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    missing, unexpected, mismatched = _compare_keys(weights, expected, drop_class_head)
     if missing or unexpected or mismatched:
         message = _mismatch_message(source, missing, unexpected, mismatched, args, target)
         if strict:

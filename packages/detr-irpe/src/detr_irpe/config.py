@@ -51,6 +51,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "DETR with iRPE", add_help=add_help, formatter_class=argparse.RawTextHelpFormatter
     )
+    _add_optimisation_options(parser)
+    _add_model_options(parser)
+    _add_loss_options(parser)
+    _add_data_options(parser)
+    _add_run_options(parser)
+    _add_new_options(parser)
+    return parser
+
+
+def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", default=1e-4, type=float)
     opt.add_argument("--lr_backbone", default=1e-5, type=float)
@@ -62,6 +72,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)"
     )
 
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--frozen_weights",
@@ -87,6 +99,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--enc_rpe2d", default="", type=str, help=_RPE_HELP)
     model.add_argument("--masks", action="store_true", help="train the segmentation head")
 
+
+def _add_loss_options(parser: argparse.ArgumentParser) -> None:
     loss = parser.add_argument_group("loss")
     loss.add_argument(
         "--no_aux_loss",
@@ -103,12 +117,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     loss.add_argument("--giou_loss_coef", default=2, type=float)
     loss.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
 
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_file", default="coco")
     data.add_argument("--coco_path", type=str)
     data.add_argument("--coco_panoptic_path", type=str)
     data.add_argument("--remove_difficult", action="store_true")
 
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="", help="where to save; empty for no saving")
     run.add_argument(
@@ -124,6 +142,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     run.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
+
+def _add_new_options(parser: argparse.ArgumentParser) -> None:
     new = parser.add_argument_group(_NEW_GROUP)
     new.add_argument(
         "--amp",
@@ -202,7 +222,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     new.add_argument(
         "--no_progress", dest="progress", action="store_false", help="no progress bars"
     )
-    return parser
 
 
 def _new_option_names() -> frozenset[str]:
@@ -304,8 +323,8 @@ def check_model_options(args: argparse.Namespace) -> None:
         raise OptionError(f"--dropout must lie in [0, 1), got {args.dropout}")
     try:
         encoder_rpe_config(args.enc_rpe2d)
-    except ValueError as err:
-        raise OptionError(f"--enc_rpe2d: {err}") from None
+    except ValueError as err:  # its first line names the field; the rest is the format help
+        raise OptionError(f"--enc_rpe2d: {str(err).splitlines()[0]} (format: see --help)") from None
 
 
 def check_device(args: argparse.Namespace) -> None:
@@ -349,7 +368,7 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
         raise OptionError(f"--num_workers must be at least 0, got {args.num_workers}")
     cpus = _usable_cpus()
     if args.num_workers > cpus:
-        logger.info("--num_workers %d capped at the %d usable CPUs", args.num_workers, cpus)
+        logger.debug("--num_workers %d capped at the %d usable CPUs", args.num_workers, cpus)
         args.num_workers = cpus
     if args.tensorboard and not args.output_dir:
         raise OptionError("--tensorboard needs --output_dir (the event files are written there)")

@@ -163,6 +163,30 @@ def _log_values(
     return values
 
 
+def _backward_and_step(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Backward, clipping of the global gradient norm to ``max_norm`` (when > 0), step; through
+    the ``scaler`` for fp16, clipping the true (unscaled) gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if max_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if max_norm > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -238,20 +262,7 @@ def train_one_epoch(
             terms = {k: v for k, v in values.items() if k == "loss" or k in weight_dict}
             raise NonFiniteLossError(epoch, iteration, terms)
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(losses).backward()
-            if max_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            losses.backward()
-            if max_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-
+        _backward_and_step(model, losses, optimizer, max_norm, scaler)
         metrics.update(**values)
         metrics.update(lr=optimizer.param_groups[0]["lr"])
 

@@ -22,6 +22,25 @@ def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | 
     return None if tensor is None else tensor[start:stop]
 
 
+def _apply_masks_(
+    logits: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+) -> None:
+    """Mask ``logits (N, nh, Lq, Lk)`` in place, after the iRPE terms were added (as the
+    original): ``attn_mask`` ``(1 or N*nh, Lq, Lk)`` and ``key_padding_mask (N, Lk)``, each
+    bool (``True`` = masked, ``-inf``) or float (added)."""
+    B, nh, Lq, Lk = logits.shape
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(B, 1, 1, Lk))
+    for mask in masks:
+        if mask.dtype == torch.bool:
+            logits.masked_fill_(mask, float("-inf"))
+        else:
+            logits += mask
+
+
 class RPEMultiheadAttention(nn.Module):
     """PyTorch-1.7-style multi-head attention with optional iRPE on queries, keys, values.
 
@@ -309,19 +328,7 @@ class RPEMultiheadAttention(nn.Module):
         # not views), so the in-place additions and masks cost no copies in the backward.
         q4, k4, v4 = q.view(B, nh, Lq, D), k.view(B, nh, Lk, D), v.view(B, nh, Lk, D)
         logits = self._logits(q4, k4, grid)
-        if attn_mask is not None:
-            attn_mask = attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask
-            if attn_mask.dtype == torch.bool:
-                logits.masked_fill_(attn_mask, float("-inf"))
-            else:
-                logits += attn_mask
-        # Padding is masked after the iRPE terms were added (as the original).
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.view(B, 1, 1, Lk)
-            if kpm.dtype == torch.bool:
-                logits.masked_fill_(kpm, float("-inf"))
-            else:
-                logits += kpm
+        _apply_masks_(logits, attn_mask, key_padding_mask)
         probs = F.dropout(torch.softmax(logits, dim=-1), p=self.dropout, training=self.training)
 
         out = torch.matmul(probs, v4)

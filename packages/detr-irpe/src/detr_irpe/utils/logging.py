@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from tqdm import tqdm
 
@@ -29,7 +30,16 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Writes records through ``tqdm.write`` so log lines do not tear an active progress bar."""
+    """Writes records through ``tqdm.write`` so log lines do not tear an active progress bar,
+    to whatever ``sys.stderr`` is at the time (a redirection after set-up is followed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -46,7 +56,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     with the rank, so a multi-process run prints one copy of the progress messages.
     """
     rank = get_rank() if rank is None else rank
-    handler = _TqdmHandler(sys.stderr)
+    handler = _TqdmHandler()
     prefix = "" if rank == 0 else f"[rank {rank}] "
     handler.setFormatter(logging.Formatter(prefix + _LOG_FORMAT, datefmt="%H:%M:%S"))
     root = logging.getLogger()
