@@ -194,7 +194,7 @@ def test_help_does_not_import_torch() -> None:
     """``--help`` (and flag errors) answer before torch and the models are loaded."""
     probe = (
         "import sys\n"
-        "from detr_irpe.cli import evaluate, predict, train\n"
+        "from detr_irpe.cli import demo, evaluate, plot, predict, synthetic, train\n"
         "for cli in (train, evaluate, predict):\n"
         "    cli.build_parser().format_help()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"

@@ -33,7 +33,6 @@ from detr_irpe.cli import predict as predict_cli
 from detr_irpe.cli import train as train_cli
 from detr_irpe.cli.errors import CLIError, run_cli
 from detr_irpe.data.synthetic import SyntheticConfig, generate_synthetic_coco
-from detr_irpe.evaluation import format_stats
 from detr_irpe.utils.logging import setup_logging
 
 __all__ = ["DEMO_IMAGE_SIZE", "demo_model_argv", "main"]
@@ -175,6 +174,8 @@ def run_demo(options: argparse.Namespace) -> None:
         "total_seconds": round(total_seconds, 1),
         "plan": vars(options) | {"epochs": plan.epochs, "num_train": plan.num_train},
     }
+    from detr_irpe.evaluation import format_stats
+
     write_json(out / "summary.json", summary)
     write_text(out / "ap_table.txt", format_stats(metrics["coco_eval_bbox"]) + "\n")
     logger.info(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from detr_irpe.cli.errors import run_cli
 from detr_irpe.utils.logging import setup_logging
-from detr_irpe.visualize import plot_training_curves
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plot(args: argparse.Namespace) -> None:
+    from detr_irpe.visualize import plot_training_curves
+
     output = args.output or args.log_txt.with_name("training_curves.png")
     logger.info("wrote %s", plot_training_curves(args.log_txt, output))
 

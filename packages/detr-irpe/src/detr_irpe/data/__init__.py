@@ -1,41 +1,44 @@
-"""COCO reading (folders or unextracted zips), DETR transforms and a synthetic dataset."""
+"""COCO reading (folders or unextracted zips), DETR transforms and a synthetic dataset.
 
-from detr_irpe.data.coco import (
-    AnnotationError,
-    CocoDetection,
-    ImageLoadError,
-    build_dataset,
-    category_names,
-    coco_annotations_to_target,
-    get_coco_api,
-    load_coco_annotations,
-    num_classes_from_annotations,
-)
-from detr_irpe.data.images import load_rgb
-from detr_irpe.data.synthetic import (
-    SYNTHETIC_CATEGORIES,
-    SyntheticConfig,
-    generate_synthetic_coco,
-    render_sample,
-)
-from detr_irpe.data.transforms import make_transforms
-from detr_irpe.data.zip_reader import ImageFileReader
+The names below are imported on first use, so that a programme that only needs one module
+(``detr-irpe-synthetic``, ``--help``) does not load torch through the others.
+"""
 
-__all__ = [
-    "SYNTHETIC_CATEGORIES",
-    "AnnotationError",
-    "CocoDetection",
-    "ImageFileReader",
-    "ImageLoadError",
-    "SyntheticConfig",
-    "build_dataset",
-    "category_names",
-    "coco_annotations_to_target",
-    "generate_synthetic_coco",
-    "get_coco_api",
-    "load_coco_annotations",
-    "load_rgb",
-    "make_transforms",
-    "num_classes_from_annotations",
-    "render_sample",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AnnotationError": "detr_irpe.data.coco",
+    "CocoDetection": "detr_irpe.data.coco",
+    "ImageFileReader": "detr_irpe.data.zip_reader",
+    "ImageLoadError": "detr_irpe.data.coco",
+    "SYNTHETIC_CATEGORIES": "detr_irpe.data.synthetic",
+    "SyntheticConfig": "detr_irpe.data.synthetic",
+    "build_dataset": "detr_irpe.data.coco",
+    "category_names": "detr_irpe.data.coco",
+    "coco_annotations_to_target": "detr_irpe.data.coco",
+    "generate_synthetic_coco": "detr_irpe.data.synthetic",
+    "get_coco_api": "detr_irpe.data.coco",
+    "load_coco_annotations": "detr_irpe.data.coco",
+    "load_rgb": "detr_irpe.data.images",
+    "make_transforms": "detr_irpe.data.transforms",
+    "num_classes_from_annotations": "detr_irpe.data.coco",
+    "render_sample": "detr_irpe.data.synthetic",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detr_irpe.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

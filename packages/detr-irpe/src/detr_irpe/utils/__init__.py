@@ -1,33 +1,36 @@
-"""Run-time helpers of the training programmes: process groups and metric logging."""
+"""Run-time helpers of the training programmes: process groups and metric logging.
 
-from detr_irpe.utils.distributed import (
-    all_gather_object,
-    barrier,
-    cleanup_distributed,
-    get_rank,
-    get_world_size,
-    init_distributed_mode,
-    is_dist_avail_and_initialized,
-    is_main_process,
-    reduce_dict,
-)
-from detr_irpe.utils.logging import setup_logging
-from detr_irpe.utils.meters import MetricLogger, SmoothedValue
-from detr_irpe.utils.run_log import JsonLinesLog, TensorBoardLog
+Imported on first use, so that the programmes' ``--help`` does not load torch.
+"""
 
-__all__ = [
-    "JsonLinesLog",
-    "MetricLogger",
-    "SmoothedValue",
-    "TensorBoardLog",
-    "all_gather_object",
-    "barrier",
-    "cleanup_distributed",
-    "get_rank",
-    "get_world_size",
-    "init_distributed_mode",
-    "is_dist_avail_and_initialized",
-    "is_main_process",
-    "reduce_dict",
-    "setup_logging",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "all_gather_object": "detr_irpe.utils.distributed",
+    "barrier": "detr_irpe.utils.distributed",
+    "cleanup_distributed": "detr_irpe.utils.distributed",
+    "get_rank": "detr_irpe.utils.distributed",
+    "get_world_size": "detr_irpe.utils.distributed",
+    "init_distributed_mode": "detr_irpe.utils.distributed",
+    "is_dist_avail_and_initialized": "detr_irpe.utils.distributed",
+    "is_main_process": "detr_irpe.utils.distributed",
+    "reduce_dict": "detr_irpe.utils.distributed",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detr_irpe.utils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -7,24 +7,31 @@ re-exported here so that ``from detr_irpe.utils.logging import MetricLogger`` ke
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
 
 from tqdm import tqdm
 
-from detr_irpe.utils.distributed import get_rank
-from detr_irpe.utils.meters import MetricLogger, SmoothedValue
-from detr_irpe.utils.run_log import JsonLinesLog, TensorBoardLog, to_jsonable
+_REEXPORTED = {
+    "JsonLinesLog": "detr_irpe.utils.run_log",
+    "MetricLogger": "detr_irpe.utils.meters",
+    "SmoothedValue": "detr_irpe.utils.meters",
+    "TensorBoardLog": "detr_irpe.utils.run_log",
+    "to_jsonable": "detr_irpe.utils.run_log",
+}
 
-__all__ = [
-    "JsonLinesLog",
-    "MetricLogger",
-    "SmoothedValue",
-    "TensorBoardLog",
-    "setup_logging",
-    "to_jsonable",
-]
+
+def __getattr__(name: str) -> Any:
+    # The re-exported names load torch; setting up logging must not.
+    module = _REEXPORTED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detr_irpe.utils.logging' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["setup_logging", *sorted(_REEXPORTED)]
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -55,7 +62,10 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
     Rank 0 logs at ``level``; the other ranks only log warnings and errors, each line prefixed
     with the rank, so a multi-process run prints one copy of the progress messages.
     """
-    rank = get_rank() if rank is None else rank
+    if rank is None:
+        from detr_irpe.utils.distributed import get_rank
+
+        rank = get_rank()
     handler = _TqdmHandler()
     prefix = "" if rank == 0 else f"[rank {rank}] "
     handler.setFormatter(logging.Formatter(prefix + _LOG_FORMAT, datefmt="%H:%M:%S"))
