@@ -147,9 +147,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(square_coco: Path, tmp_pa
     final = read_checkpoint(out / "checkpoint.pth")
     assert final["epoch"] == epochs - 1
     assert final["lr_scheduler"]["last_epoch"] == epochs
-    # Every line parses and each epoch appears once, in order. The checkpoint is written
-    # before the epoch's evaluation, so a kill during that evaluation leaves the last
-    # checkpointed epoch without a line; every other epoch has one.
+    # Every line parses and each epoch appears once, in order: the checkpoint carries its
+    # epoch's record, and the resumed run writes it if the kill came before the log line.
     logged = [entry["epoch"] for entry in _log(out)]
     assert logged == sorted(set(logged))
     assert set(range(epochs)) - set(logged) <= {last_done}
+    assert logged == list(range(epochs))

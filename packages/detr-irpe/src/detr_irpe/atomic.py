@@ -47,6 +47,9 @@ _CAUSES = {
 class OutputWriteError(OSError):
     """A file could not be written for a reason the user can fix (disk full, read-only, ...)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
 
 def _explain(path: Path, err: OSError) -> OutputWriteError:
     cause = _CAUSES.get(err.errno or 0, err.strerror or str(err))

@@ -63,7 +63,10 @@ class NonFiniteLossError(RuntimeError):
         self.losses = dict(losses)
         bad = [k for k, v in self.losses.items() if not math.isfinite(v)]
         terms = ", ".join(f"{k}={v:.6g}" for k, v in self.losses.items())
-        message = f"non-finite loss at epoch {epoch}, iteration {iteration}"
+        if iteration >= 0:
+            message = f"non-finite loss at epoch {epoch}, iteration {iteration}"
+        else:  # found when the epoch's weights are checked before they are saved
+            message = f"non-finite weights at the end of epoch {epoch}"
         if detail:
             message += f": {detail}"
         if bad:

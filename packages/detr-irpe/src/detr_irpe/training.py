@@ -291,9 +291,8 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
            and not bool(torch.isfinite(t).all())]  # fmt: skip
     if bad:
         raise NonFiniteLossError(
-            epoch, -1, {}, detail=f"{len(bad)} weight tensor(s) are not finite after the last "
-            f"iteration (first: {bad[0]}); the checkpoint was not written, the previous one "
-            "is intact",
+            epoch, -1, {}, detail=f"{len(bad)} weight tensor(s) are not finite (first: "
+            f"{bad[0]}); the checkpoint was not written, the previous one is intact",
         )  # fmt: skip
 
 

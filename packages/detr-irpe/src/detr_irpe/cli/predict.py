@@ -276,7 +276,7 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     names the options set on the command line: those win over the checkpoint's."""
     import torch
 
-    from detr_irpe.atomic import write_json
+    from detr_irpe.atomic import check_writable_dir, write_json
     from detr_irpe.checkpoint import model_from_checkpoint
     from detr_irpe.config import prepare_options
     from detr_irpe.data.transforms import make_transforms
@@ -289,6 +289,7 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     if not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold must lie in [0, 1], got {args.threshold}")
     images = collect_images(args.images)
+    check_writable_dir(args.output_dir)
     loaded = model_from_checkpoint(
         args.checkpoint, {name: getattr(args, name) for name in given}, base=args
     )
