@@ -246,9 +246,23 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
 # one epoch
 
 
+def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's, numpy's and Python's generators for ``epoch`` on ``rank``."""
+    return seed + rank + 1_000_003 * epoch
+
+
 def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
-    """Train one epoch; returns the ``log.txt`` fields of the training part."""
+    """Train one epoch; returns the ``log.txt`` fields of the training part.
+
+    The epoch's randomness is a function of ``(seed, rank, epoch)`` only, so a resumed run
+    trains its epochs as the uninterrupted run does: the generators (dropout's among them) are
+    re-seeded with :func:`_epoch_seed`, the order is seeded with ``(seed, epoch)`` and each
+    sample's augmentation with ``(seed, epoch, index)`` (:func:`set_epoch`).
+    """
+    from detr_irpe.utils.seeding import seed_everything
+
     epoch_start = time.time()
+    seed_everything(_epoch_seed(run.args.seed, run.args.rank, epoch))
     set_epoch(loader, epoch, run.args.seed)
     timing = MetricLogger()
     stats = train_one_epoch(

@@ -13,11 +13,14 @@ be read is replaced by the next readable one.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import random
 import zipfile
 from argparse import Namespace
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ __all__ = [
     "get_coco_api",
     "load_coco_annotations",
     "num_classes_from_annotations",
+    "sample_randomness",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +101,24 @@ def coco_annotations_to_target(
     }
 
 
+@contextlib.contextmanager
+def sample_randomness(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """Inside: Python's ``random`` and torch's CPU generator (the augmentation draws from both)
+    seeded from ``(seed, epoch, index)``. After: both as they were, so loading a sample in the
+    main process (``num_workers=0``) leaves the training's draws (dropout) as they would be
+    with workers."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    sample_seed = int.from_bytes(digest[:8], "little")
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(sample_seed)
+    torch.default_generator.manual_seed(sample_seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+
+
 class CocoDetection(Dataset[tuple[Any, Target]]):
     """COCO images with DETR targets, read from a folder or its unextracted zip.
 
@@ -104,6 +126,13 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
     images, including those without annotations). ``image`` is an RGB ``PIL.Image`` before
     the transforms (a ``(3, H, W)`` float tensor after the usual ones); ``target`` is the dict
     of :func:`coco_annotations_to_target` after the transforms.
+
+    The key may also be ``(epoch, i)`` (what the training loader's
+    :class:`detr_irpe.cli.loaders.EpochKeySampler` yields): the random augmentation then draws
+    from generators seeded from ``(seed, epoch, i)`` (:func:`sample_randomness`), so the
+    augmented sample is a function of those three only, whichever process or DataLoader worker
+    loads it and whether or not the run was resumed. A plain ``i`` draws from the global
+    generators as they stand.
 
     Args:
         img_folder: image folder, or the path whose ``.zip`` holds the images.
@@ -113,6 +142,7 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
         return_masks: segmentation masks; not supported (raises ``NotImplementedError``).
         skip_bad_samples: drop malformed records at construction and replace unreadable
             images by the next readable one, with a warning, instead of raising.
+        seed: the run's seed, for ``(epoch, i)`` keys.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` ground truth (after cleaning).
@@ -127,6 +157,7 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
         transforms: Transforms | None = None,
         return_masks: bool = False,
         skip_bad_samples: bool = False,
+        seed: int = 0,
     ) -> None:
         if return_masks:
             raise NotImplementedError("segmentation masks (--masks) are not supported")
@@ -136,6 +167,7 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
         self.ids: list[int] = sorted(self.coco.imgs)
         self.skip_bad_samples = skip_bad_samples
         self._transforms = transforms
+        self.seed = seed
         # Indices found unreadable in this process, so later epochs skip them without retrying.
         self._bad_indices: set[int] = set()
 
@@ -172,7 +204,14 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
             return self._transforms(image, target)
         return image, target
 
-    def __getitem__(self, index: int) -> tuple[Any, Target]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Target]:
+        if isinstance(key, tuple):
+            epoch, index = key
+            with sample_randomness(self.seed, epoch, index):
+                return self._get(index)
+        return self._get(key)
+
+    def _get(self, index: int) -> tuple[Any, Target]:
         if not self.skip_bad_samples:
             return self._load(index)
         for offset in range(len(self)):
@@ -225,6 +264,7 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
         root / ann_file,
         transforms=make_transforms(image_set, args),
         skip_bad_samples=skip_bad_samples,
+        seed=int(args.seed),
     )
     if len(dataset) == 0:
         # Refused now: an empty split would otherwise fail only after a whole training epoch,
