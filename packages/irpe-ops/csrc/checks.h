@@ -9,6 +9,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
+#include <utility>
 
 namespace irpe_ops {
 
@@ -76,6 +78,90 @@ inline void check_index_range(const char* op, const at::Tensor& index, int64_t n
   if (lo < 0 || hi >= num_buckets) {
     index_range_error(op, num_buckets, lo, hi);
   }
+}
+
+// rpe_attention(q, k, v (B, H, L, D), ids (L, L) int32, wq (Hq, D, K)?, wk (Hk, D, K)?,
+// wv (Hv, K, D)?, key_padding_mask (B, L) bool?, dropout_p). Returns K, the number of buckets
+// (0 when no table is given: ids is then unused, but its shape is still checked).
+inline int64_t check_rpe_attention_args(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& ids,
+                                        const std::optional<at::Tensor>& wq,
+                                        const std::optional<at::Tensor>& wk,
+                                        const std::optional<at::Tensor>& wv,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        double dropout_p) {
+  constexpr const char* op = "irpe_ops.rpe_attention";
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, L, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                  q.scalar_type() == at::kDouble,
+              op, ": q must be float32, bfloat16 or float64, got ", q.scalar_type());
+  TORCH_CHECK(q.size(2) >= 1 && q.size(3) >= 1, op, ": q must have L >= 1 and D >= 1, got shape ",
+              q.sizes());
+  const std::pair<const at::Tensor*, const char*> qkv[] = {{&k, "k"}, {&v, "v"}};
+  for (const auto& [t, name] : qkv) {
+    TORCH_CHECK(t->sizes() == q.sizes(), op, ": ", name, " must have q's shape (B, H, L, D) ",
+                q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(),
+                ", got ", t->device());
+  }
+  const int64_t B = q.size(0);
+  const int64_t H = q.size(1);
+  const int64_t L = q.size(2);
+  const int64_t D = q.size(3);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == L && ids.size(1) == L, op,
+              ": ids must be (L, L) = (", L, ", ", L, "), got shape ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt, op, ": ids must be int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device() == q.device(), op, ": ids must be on q's device ", q.device(),
+              ", got ", ids.device());
+  int64_t K = 0;
+  // (tensor, name, layout, index of the D dim, index of the K dim)
+  struct Table {
+    const std::optional<at::Tensor>& t;
+    const char* name;
+    const char* layout;
+    int d_dim;
+    int k_dim;
+  };
+  const Table tables[] = {{wq, "wq", "(Hq, D, K)", 1, 2},
+                          {wk, "wk", "(Hk, D, K)", 1, 2},
+                          {wv, "wv", "(Hv, K, D)", 2, 1}};
+  for (const Table& table : tables) {
+    if (!table.t.has_value()) {
+      continue;
+    }
+    const at::Tensor& w = *table.t;
+    TORCH_CHECK(w.dim() == 3, op, ": ", table.name, " must be 3-D ", table.layout, ", got shape ",
+                w.sizes());
+    TORCH_CHECK(w.size(0) == 1 || w.size(0) == H, op, ": ", table.name,
+                ".size(0) must be 1 (shared) or H = ", H, ", got shape ", w.sizes());
+    TORCH_CHECK(w.size(table.d_dim) == D, op, ": ", table.name, " must be ", table.layout,
+                " with D = ", D, ", got shape ", w.sizes());
+    TORCH_CHECK(w.size(table.k_dim) >= 1, op, ": ", table.name,
+                " must have at least one bucket, got shape ", w.sizes());
+    TORCH_CHECK(K == 0 || w.size(table.k_dim) == K, op,
+                ": the tables must agree on the number of buckets K, got ", K, " and ", table.name,
+                " of shape ", w.sizes());
+    K = w.size(table.k_dim);
+    TORCH_CHECK(w.scalar_type() == q.scalar_type(), op, ": ", table.name, " must have q's dtype ",
+                q.scalar_type(), ", got ", w.scalar_type());
+    TORCH_CHECK(w.device() == q.device(), op, ": ", table.name, " must be on q's device ",
+                q.device(), ", got ", w.device());
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L, op,
+                ": key_padding_mask must be (B, L) = (", B, ", ", L, "), got shape ",
+                mask.sizes());
+    TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
+                mask.scalar_type());
+    TORCH_CHECK(mask.device() == q.device(), op, ": key_padding_mask must be on q's device ",
+                q.device(), ", got ", mask.device());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  return K;
 }
 
 }  // namespace irpe_ops

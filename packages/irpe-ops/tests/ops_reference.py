@@ -14,6 +14,7 @@ __all__ = [
     "bucket_sum_loops",
     "bucket_sum_reference",
     "detr_like_index",
+    "rpe_attention_reference",
     "rpe_index_loops",
     "rpe_index_reference",
 ]
@@ -69,3 +70,44 @@ def detr_like_index(height: int, width: int, per_axis: int = 9) -> tuple[Tensor,
     d_row = (rows[:, None] - rows[None, :]).clamp(-half, half) + half
     d_col = (cols[:, None] - cols[None, :]).clamp(-half, half) + half
     return d_row * per_axis + d_col, per_axis * per_axis
+
+
+def rpe_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ids: Tensor,
+    wq: Tensor | None = None,
+    wk: Tensor | None = None,
+    wv: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Naive iRPE attention (materialises every ``(B, H, L, L)`` tensor): ``(out, logsumexp)``.
+
+    Written from the definition in ``irpe_ops.rpe_attention``'s docstring, in the dtype of the
+    inputs (differentiable). ``keep``: the ``(B, H, L, L)`` bool dropout keep mask, or ``None``.
+    A query whose keys are all padded gets ``out = 0`` (its softmax would be NaN).
+    """
+    B, H, L, D = q.shape
+    s = D**-0.5
+    index = ids.long().expand(B, H, L, L)
+    logits = q @ k.transpose(-1, -2)
+    if wk is not None:
+        logits = logits + torch.gather(q @ wk, -1, index)
+    if wq is not None:
+        # (s k_j) . wq[:, ids[j, i]]: gathered along the rows of k, then transposed to (i, j).
+        logits = logits + torch.gather((s * k) @ wq, -1, index).transpose(-1, -2)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.where(torch.isnan(probs), torch.zeros_like(probs), probs)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - dropout_p)
+    out = probs @ v
+    if wv is not None:
+        buckets = torch.zeros(B, H, L, wv.shape[1], dtype=probs.dtype).scatter_add(-1, index, probs)
+        out = out + buckets @ wv
+    return out, lse

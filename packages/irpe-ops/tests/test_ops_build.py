@@ -49,6 +49,7 @@ def test_public_names() -> None:
         "build_info",
         "bucket_sum",
         "cuda_built",
+        "rpe_attention",
         "rpe_index",
     }
     # The CPU output cache is an internal detail, reachable only through private names.

@@ -53,3 +53,38 @@ def test_compile_fullgraph_aot_eager(generator: torch.Generator) -> None:
 @pytest.mark.slow
 def test_compile_fullgraph_inductor(generator: torch.Generator) -> None:
     _check_compiled("inductor", generator)
+
+
+def fused_attention_block(
+    x: torch.Tensor, wk: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """A small attention as RPEMultiheadAttention uses the fused op: (B, L, H*D) -> same."""
+    B, L, _ = x.shape
+    H, D = 2, x.shape[-1] // 2
+    heads = x.view(B, L, H, D).transpose(1, 2)
+    out = irpe_ops.rpe_attention(
+        heads * D**-0.5, heads, heads, ids, wk=wk, key_padding_mask=mask, dropout_p=0.1, seed=4
+    )
+    return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def test_compile_fullgraph_rpe_attention(generator: torch.Generator) -> None:
+    index, K = detr_like_index(3, 4)
+    ids = index.to(torch.int32)
+    x = torch.randn(2, 12, 8, generator=generator, requires_grad=True)
+    wk = torch.randn(1, 4, K, generator=generator, requires_grad=True)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, -3:] = True
+    grad = torch.randn(2, 12, 8, generator=generator)
+
+    eager = fused_attention_block(x, wk, ids, mask)
+    eager_grads = torch.autograd.grad(eager, (x, wk), grad)
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(fused_attention_block, fullgraph=True, backend="aot_eager")
+    compiled = compiled_fn(x, wk, ids, mask)
+    compiled_grads = torch.autograd.grad(compiled, (x, wk), grad)
+
+    torch.testing.assert_close(compiled, eager)
+    for got, expected in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, expected)

@@ -1,12 +1,13 @@
 """irpe_ops: C++/CUDA operators for image relative position encoding (iRPE).
 
-Two operators, registered with ``torch.library`` under the namespace ``irpe_ops`` (so they are
+Operators registered with ``torch.library`` under the namespace ``irpe_ops`` (so they are
 also reachable as ``torch.ops.irpe_ops.rpe_index`` and ``torch.ops.irpe_ops.bucket_sum``), with
 CPU kernels always, CUDA kernels when the binary was built with them, fake kernels for
 ``torch.compile`` and autograd:
 
 * :func:`rpe_index` -- ``out[b, h, i, j] = input[b, h, i, index[i, j]]``;
-* :func:`bucket_sum` -- its adjoint, ``out[b, h, i, k] = sum_j w[b, h, i, j] [index[i, j] == k]``.
+* :func:`bucket_sum` -- its adjoint, ``out[b, h, i, k] = sum_j w[b, h, i, j] [index[i, j] == k]``;
+* :func:`rpe_attention` -- fused attention with the contextual iRPE terms (CPU only).
 
 Importing this package raises :class:`ImportError` when the compiled extension is missing or was
 built against another torch major.minor.
@@ -21,13 +22,14 @@ from irpe_ops._library import load_extension
 
 _C = load_extension()
 
-from irpe_ops.ops import bucket_sum, rpe_index  # noqa: E402 - needs the operators registered
+from irpe_ops.ops import bucket_sum, rpe_attention, rpe_index  # noqa: E402 - needs the operators registered
 
 __all__ = [
     "__version__",
     "bucket_sum",
     "build_info",
     "cuda_built",
+    "rpe_attention",
     "rpe_index",
 ]
 
