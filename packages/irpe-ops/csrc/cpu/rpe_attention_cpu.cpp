@@ -45,11 +45,11 @@
 #include "checks.h"
 #include "cpu/rpe_dropout.h"
 
-// The element-wise tile loops are compiled for AVX-512, AVX2+FMA and the baseline, chosen at
-// load time (GCC function multi-versioning): the extension itself is built for the baseline ISA.
+// The element-wise tile loops are compiled for AVX-512, AVX2 and the baseline, chosen at load time
+// by CPU features (GCC function multi-versioning; not by "arch=" CPU models, which a virtual
+// machine's generic CPU does not match): the extension itself is built for the baseline ISA.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IRPE_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define IRPE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define IRPE_CLONES
 #endif
