@@ -183,6 +183,10 @@ def test_dropout_mask_statistics() -> None:
     # one row's worth shifts the mask by one row.
     shifted = ta.dropout_keep_mask(5, 40, (2, 2, 40), 0.3, DEVICE)
     assert torch.equal(shifted[0, 0, :-1], keep[0, 0, 1:])
+    # Any int64 seed and a large offset (the counter is 64-bit).
+    big = ta.dropout_keep_mask(-(2**62) + 5, 2**40, (2, 2, 40), 0.3, DEVICE)
+    assert abs(big.float().mean().item() - 0.7) < 0.03 and not torch.equal(big, keep)
+    assert torch.equal(big, ta.dropout_keep_mask(-(2**62) + 5, 2**40, (2, 2, 40), 0.3, DEVICE))
 
 
 def test_fully_masked_row_gives_zeros() -> None:
