@@ -369,3 +369,15 @@ def test_errors(generator: torch.Generator) -> None:
         irpe_ops.rpe_attention(q, k, v, ids, dropout_p=1.0, seed=0)
     with pytest.raises(RuntimeError, match="must have q's dtype"):
         irpe_ops.rpe_attention(q, k, v, ids, wk=wk.double())
+
+
+def test_inside_an_autocast_region() -> None:
+    """The kernel's own ATen calls are not re-cast by an enclosing torch.autocast."""
+    q, k, v = torch.randn(3, 2, 4, 12, 8).bfloat16().unbind(0)
+    ids = torch.randint(0, 9, (12, 12), dtype=torch.int32)
+    wk = torch.randn(1, 8, 9).bfloat16().requires_grad_()
+    expected = irpe_ops.rpe_attention(q, k, v, ids, wk=wk)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = irpe_ops.rpe_attention(q, k, v, ids, wk=wk)
+        out.float().sum().backward()
+    assert torch.equal(out, expected) and wk.grad is not None

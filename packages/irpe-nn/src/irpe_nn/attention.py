@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import attention, attention_with_weights
 from .rpe import build_rpe
 
 __all__ = ["RPEMultiheadAttention"]
@@ -20,25 +21,6 @@ _log = logging.getLogger(__name__)
 
 def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if tensor is None else tensor[start:stop]
-
-
-def _apply_masks_(
-    logits: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
-) -> None:
-    """Mask ``logits (N, nh, Lq, Lk)`` in place, after the iRPE terms were added (as the
-    original): ``attn_mask`` ``(1 or N*nh, Lq, Lk)`` and ``key_padding_mask (N, Lk)``, each
-    bool (``True`` = masked, ``-inf``) or float (added)."""
-    B, nh, Lq, Lk = logits.shape
-    masks = []
-    if attn_mask is not None:
-        masks.append(attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask)
-    if key_padding_mask is not None:
-        masks.append(key_padding_mask.view(B, 1, 1, Lk))
-    for mask in masks:
-        if mask.dtype == torch.bool:
-            logits.masked_fill_(mask, float("-inf"))
-        else:
-            logits += mask
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -62,6 +44,8 @@ class RPEMultiheadAttention(nn.Module):
         rpe_config: an :class:`~irpe_nn.RPEConfig` (e.g. from
             :func:`~irpe_nn.parse_rpe_spec`), an ``rpe-…`` string such as
             ``"rpe-2.0-product-ctx-1-k"`` (parsed with ``skip=0``), or ``None``.
+        batch_first: inputs and outputs ``(N, L, E)`` instead of ``(L, N, E)`` (as
+            ``nn.MultiheadAttention``).
     """
 
     def __init__(
@@ -75,6 +59,7 @@ class RPEMultiheadAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         rpe_config: Any = None,
+        batch_first: bool = False,
     ) -> None:
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads != 0:
@@ -91,6 +76,7 @@ class RPEMultiheadAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
 
         # Creation order follows PyTorch 1.7 so the RNG stream (out_proj's own init) and the
         # state-dict key order match the original.
@@ -229,6 +215,16 @@ class RPEMultiheadAttention(nn.Module):
                 "RPEMultiheadAttention: add_bias_kv/add_zero_attn append keys outside the token "
                 "grid and cannot be combined with iRPE"
             )
+        if query.shape[0] < hw[0] * hw[1] <= query.shape[1]:  # the batch read as sequence
+            given = tuple(query.transpose(0, 1).shape if self.batch_first else query.shape)
+            expected = (
+                "batch-first (N, L, E) expected (the layer has batch_first=True)"
+                if self.batch_first
+                else "sequence-first (L, N, E) expected; pass batch_first=True for (N, L, E)"
+            )
+            raise ValueError(
+                f"RPEMultiheadAttention: {expected}; got {given} for a {hw[0]}x{hw[1]} grid"
+            )
         return hw[0], hw[1]
 
     @staticmethod
@@ -294,13 +290,13 @@ class RPEMultiheadAttention(nn.Module):
         ``R_q = rpe_q(s k)``; masks after the iRPE terms; ``P = dropout(softmax(A))``;
         ``out = (P v + rpe_v(P)) W_o^T + b_o``.
         """
+        if self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         grid = self._check_inputs(query, key, value, key_padding_mask, hw)
         Lq, B, E = query.shape
         nh, D = self.num_heads, self.head_dim
-        scaling = float(D) ** -0.5
 
         q, k, v = self._project(query, key, value)
-        q = q * scaling
         attn_mask = self._normalise_attn_mask(attn_mask, B * nh, Lq, key.shape[0])
         if key_padding_mask is not None and key_padding_mask.dtype == torch.uint8:
             key_padding_mask = key_padding_mask.to(torch.bool)
@@ -324,32 +320,22 @@ class RPEMultiheadAttention(nn.Module):
                 key_padding_mask = F.pad(key_padding_mask, (0, 1))
         Lk = k.shape[1]
 
-        # Everything below works on (N, nh, L, L) tensors produced by matmul (fresh bases,
-        # not views), so the in-place additions and masks cost no copies in the backward.
-        q4, k4, v4 = q.view(B, nh, Lq, D), k.view(B, nh, Lk, D), v.view(B, nh, Lk, D)
-        logits = self._logits(q4, k4, grid)
-        _apply_masks_(logits, attn_mask, key_padding_mask)
-        probs = F.dropout(torch.softmax(logits, dim=-1), p=self.dropout, training=self.training)
-
-        out = torch.matmul(probs, v4)
-        if self.rpe_v is not None:
-            # From the post-dropout probabilities, before the head merge.
-            out += self.rpe_v(probs, *grid)
-        out = out.permute(2, 0, 1, 3).reshape(Lq, B, E)
-        out = self.out_proj(out)
-        if not need_weights:
+        masks = []
+        if attn_mask is not None:
+            masks.append(attn_mask.view(B, nh, Lq, Lk) if attn_mask.shape[0] != 1 else attn_mask)
+        heads = (q.view(B, nh, Lq, D), k.view(B, nh, Lk, D), v.view(B, nh, Lk, D))
+        rpe = (self.rpe_q, self.rpe_k, self.rpe_v)
+        dropout_p = self.dropout if self.training else 0.0
+        probs = None
+        if need_weights:
+            if key_padding_mask is not None:
+                masks.append(key_padding_mask.view(B, 1, 1, Lk))
+            out, probs = attention_with_weights(*heads, rpe, grid, masks, dropout_p)
+        else:  # the fused kernel where it applies (irpe_nn.fused)
+            out = attention(*heads, rpe, grid, masks, key_padding_mask, dropout_p)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(Lq, B, E))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if probs is None:
             return out, None
         return out, probs.sum(dim=1) / nh
-
-    def _logits(
-        self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int] | None
-    ) -> torch.Tensor:
-        """``(s q) k^T + R_k + R_q^T`` as ``(N, nh, Lq, Lk)`` from ``(N, nh, L, D)`` scaled
-        queries and keys, added in the original's order."""
-        logits = torch.matmul(q, k.transpose(-2, -1))
-        if self.rpe_k is not None:
-            logits += self.rpe_k(q, *grid)
-        if self.rpe_q is not None:
-            scaling = float(q.shape[-1]) ** -0.5
-            logits += self.rpe_q(k * scaling, *grid).transpose(-2, -1)
-        return logits

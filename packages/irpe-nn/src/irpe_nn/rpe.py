@@ -127,7 +127,10 @@ class iRPE(nn.Module):
         has_skip_bucket = (
             self.num_buckets == num_base_buckets(self.method, self.rpe_config.beta) + 1
         )
-        if skip < 0 or (skip > 0) != has_skip_bucket:
+        # Branch on the Python bool first: comparing a symbolic (skip > 0) with a bool breaks
+        # torch.compile(dynamic=True).
+        bad_skip = (skip == 0) if has_skip_bucket else (skip != 0)
+        if skip < 0 or bad_skip:
             built = "skip > 0 tokens" if has_skip_bucket else "skip = 0"
             raise ValueError(
                 f"iRPE: sequence length {length} is not skip + height*width with height={height}, "

@@ -28,6 +28,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -833,6 +834,9 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(
     const std::optional<at::Tensor>& wq, const std::optional<at::Tensor>& wk,
     const std::optional<at::Tensor>& wv, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, int64_t seed, int64_t offset) {
+  // The kernel's own ATen calls (table products, casts) must run in the dtypes it chose, not
+  // in whatever an enclosing torch.autocast region would cast them to.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Problem pb =
       prepare(kOp, q, k, v, ids, wq, wk, wv, key_padding_mask, dropout_p, seed, offset);
   if (q.numel() == 0) {
@@ -860,6 +864,7 @@ rpe_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, cons
                            const std::optional<at::Tensor>& key_padding_mask,
                            const at::Tensor& out, const at::Tensor& logsumexp, double dropout_p,
                            int64_t seed, int64_t offset) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as forward
   const Problem pb =
       prepare(kOpBackward, q, k, v, ids, wq, wk, wv, key_padding_mask, dropout_p, seed, offset);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kOpBackward,

@@ -22,9 +22,16 @@ from irpe_ops._library import load_extension
 
 _C = load_extension()
 
+from irpe_ops.cuda_attention import register_cuda_kernels  # noqa: E402
 from irpe_ops.ops import bucket_sum, rpe_attention, rpe_index  # noqa: E402 - needs the operators registered
 
+# Devices the fused attention (rpe_attention) has kernels for: CPU always, CUDA through Triton.
+FUSED_ATTENTION_DEVICES: frozenset[str] = frozenset(
+    {"cpu", "cuda"} if register_cuda_kernels() else {"cpu"}
+)
+
 __all__ = [
+    "FUSED_ATTENTION_DEVICES",
     "__version__",
     "bucket_sum",
     "build_info",
