@@ -45,6 +45,7 @@ def test_cuda_built_matches_the_registered_kernels() -> None:
 
 def test_public_names() -> None:
     assert set(irpe_ops.__all__) == {
+        "FUSED_ATTENTION_DEVICES",
         "__version__",
         "build_info",
         "bucket_sum",
