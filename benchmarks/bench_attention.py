@@ -156,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--grid", nargs=2, type=int, default=(HEIGHT, WIDTH), help="token grid")
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLEMENTATIONS),
+        choices=IMPLEMENTATIONS,
+        help="iRPE implementations to run (naive needs (H, L, L, D) memory: leave it out on "
+        "large grids)",
+    )
+    parser.add_argument("--specs", nargs="+", default=list(SPECS), help="iRPE strings")
     parser.add_argument("--case", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _log.info("max |ours - naive| (float64, small case): %.2e", check_agreement())
     cases = [("plain", "-"), ("floor", "-")]
-    cases += [(impl, spec) for spec in SPECS for impl in IMPLEMENTATIONS]
+    cases += [(impl, spec) for spec in args.specs for impl in args.impls]
     results = []
     for impl, spec in cases:
         cmd = [sys.executable, __file__, "--case", impl, spec, "--repeats", str(args.repeats)]
