@@ -42,5 +42,20 @@ for package in irpe-ops irpe-nn; do
   (cd "packages/$package" && "$python" -m pytest -q -m needs_cuda -p no:cacheprovider tests) \
     2>&1 | tee -a "$out/gpu_tests.txt" || status=1
 done
+# The Triton kernels of the fused attention, compiled for this GPU (CI runs them interpreted).
+(cd packages/irpe-ops && "$python" -m pytest -q -p no:cacheprovider tests/test_triton_attention.py) \
+  2>&1 | tee -a "$out/gpu_tests.txt" || status=1
+# The fused path of the layers on CUDA against the materialised path.
+"$python" - <<'PY' 2>&1 | tee -a "$out/gpu_tests.txt" || status=1
+import torch, irpe_nn
+print("attention path on cuda:", irpe_nn.attention_path("cuda", torch.bfloat16))
+m = irpe_nn.RPEMultiheadAttention(256, 8, rpe_config="rpe-2.0-product-ctx-1-k").cuda()
+torch.nn.init.normal_(m.rpe_k.table, std=0.5)
+x = torch.randn(850, 2, 256, device="cuda")
+fused, _ = m(x, x, x, need_weights=False, hw=(25, 34))
+materialised, _ = m(x, x, x, need_weights=True, hw=(25, 34))
+print("max |fused - materialised|:", (fused - materialised).abs().max().item())
+assert torch.allclose(fused, materialised, atol=1e-4, rtol=1e-3)
+PY
 "$python" benchmarks/bench_ops.py --device cuda --json "$out/bench_ops_cuda.json" || status=1
 exit "$status"
