@@ -16,6 +16,8 @@ __version__ = _version("detr-irpe")
 # Imported on first use, so that the console scripts answer --help (and report bad flags)
 # without loading torch and the models first.
 _LAZY = {
+    "Detections": "detr_irpe.detector",
+    "Detector": "detr_irpe.detector",
     "NestedTensor": "detr_irpe.nested_tensor",
     "build_model": "detr_irpe.models",
     "build_optimizer": "detr_irpe.optim",
