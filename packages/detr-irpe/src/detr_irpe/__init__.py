@@ -7,9 +7,9 @@ The public surface (imported by name outside the packages): :func:`build_model`,
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import version as _version
-from typing import Any
+
+from detr_irpe._lazy import lazy_attributes
 
 __version__ = _version("detr-irpe")
 
@@ -32,14 +32,4 @@ _LAZY = {
 __all__ = ["__version__", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'detr_irpe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

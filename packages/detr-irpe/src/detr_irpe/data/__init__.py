@@ -6,8 +6,7 @@ The names below are imported on first use, so that a programme that only needs o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from detr_irpe._lazy import lazy_attributes
 
 _LAZY = {
     "AnnotationError": "detr_irpe.data.coco",
@@ -31,14 +30,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'detr_irpe.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

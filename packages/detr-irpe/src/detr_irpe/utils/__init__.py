@@ -5,8 +5,7 @@ Imported on first use, so that the programmes' ``--help`` does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from detr_irpe._lazy import lazy_attributes
 
 _LAZY = {
     "all_gather_object": "detr_irpe.utils.distributed",
@@ -23,14 +22,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'detr_irpe.utils' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
