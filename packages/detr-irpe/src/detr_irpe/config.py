@@ -222,6 +222,14 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
     new.add_argument(
         "--no_progress", dest="progress", action="store_false", help="no progress bars"
     )
+    new.add_argument(
+        "--grad_accum_steps",
+        default=1,
+        type=int,
+        metavar="N",
+        help="accumulate the gradients of N batches per optimizer step (the update of an "
+        "N times larger batch)",
+    )
 
 
 def _new_option_names() -> frozenset[str]:
@@ -361,7 +369,7 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
         raise OptionError("--coco_path is required: the folder holding annotations/ and images")
     if args.coco_path and not os.path.isdir(args.coco_path):
         raise OptionError(f"--coco_path '{args.coco_path}' is not a directory")
-    for name in ("batch_size", "epochs", "lr_drop", "eval_every"):
+    for name in ("batch_size", "epochs", "lr_drop", "eval_every", "grad_accum_steps"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_workers < 0:

@@ -269,6 +269,7 @@ def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
         run.model, run.criterion, loader, run.optimizer, run.device, epoch,
         run.args.clip_max_norm, amp=run.args.amp, scaler=run.scaler,
         progress=run.args.progress, metric_logger=timing,
+        grad_accum_steps=run.args.grad_accum_steps,
     )  # fmt: skip
     run.lr_scheduler.step()
     return {
