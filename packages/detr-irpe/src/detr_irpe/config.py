@@ -230,6 +230,19 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         help="accumulate the gradients of N batches per optimizer step (the update of an "
         "N times larger batch)",
     )
+    new.add_argument(
+        "--ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (saved in the checkpoint as "
+        "'ema'); evaluation, detr-irpe-eval and -predict use it",
+    )
+    new.add_argument(
+        "--ema_decay",
+        default=0.9998,
+        type=float,
+        metavar="D",
+        help="decay of --ema, warmed up as min(D, (1 + t) / (10 + t)) at optimizer step t",
+    )
 
 
 def _new_option_names() -> frozenset[str]:
@@ -372,6 +385,8 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
     for name in ("batch_size", "epochs", "lr_drop", "eval_every", "grad_accum_steps"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise OptionError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.num_workers < 0:
         raise OptionError(f"--num_workers must be at least 0, got {args.num_workers}")
     cpus = _usable_cpus()

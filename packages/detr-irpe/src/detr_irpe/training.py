@@ -43,6 +43,7 @@ from detr_irpe.checkpoint import (
 from detr_irpe.cli.loaders import build_train_loader, build_val_loader, set_epoch
 from detr_irpe.config import prepare_options
 from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
+from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
 from detr_irpe.models import build_model
@@ -56,6 +57,7 @@ __all__ = [
     "build_train_data",
     "checkpoint_paths",
     "commit_epoch",
+    "eval_model",
     "evaluate_run",
     "open_logs",
     "prepare_run_options",
@@ -101,6 +103,12 @@ class TrainingRun:
     start: StartCheckpoint | None
     start_epoch: int
     n_parameters: int
+    ema: ModelEma | None = None  # --ema
+
+
+def eval_model(run: TrainingRun) -> nn.Module:
+    """The model evaluations use: the moving average with ``--ema``, else the trained one."""
+    return run.ema.module if run.ema is not None else run.model
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
@@ -189,6 +197,8 @@ def _load_start(run: TrainingRun, given: Iterable[str]) -> None:
         logger.info("fine-tuning from %s", start.path)
         return
     load_checkpoint(start.state, run.model_without_ddp, source=str(start.path))
+    if args.ema or args.eval:
+        _restore_ema(run, start)
     if args.eval or not is_resumable(start.state):
         logger.info("loaded the model weights of %s", start.path)
         return
@@ -202,6 +212,20 @@ def _load_start(run: TrainingRun, given: Iterable[str]) -> None:
             "every --lr_drop %d epochs", step_size, args.lr_drop,
         )  # fmt: skip
     logger.info("resumed from %s: continuing at epoch %d", start.path, run.start_epoch)
+
+
+def _restore_ema(run: TrainingRun, start: StartCheckpoint) -> None:
+    """The resumed checkpoint's moving average into ``run.ema`` (made for ``--eval`` when the
+    checkpoint has one, so that the evaluation uses it)."""
+    weights = start.state.get("ema")
+    if not isinstance(weights, dict):
+        if run.args.ema:
+            logger.warning("%s has no EMA weights: the average starts from its weights", start.path)
+        return
+    run.ema = ModelEma(run.model_without_ddp, run.args.ema_decay)
+    load_checkpoint({"model": weights}, run.ema.module, source=f"{start.path} (ema)")
+    run.ema.updates = int(start.state.get("ema_updates", 0))
+    logger.info("restored the EMA weights of %s (%d updates)", start.path, run.ema.updates)
 
 
 def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
@@ -239,6 +263,8 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
     )  # fmt: skip
     logger.info("number of params: %d", run.n_parameters)
     _load_start(run, given)
+    if args.ema and run.ema is None:  # from the start (or fine-tuned) weights
+        run.ema = ModelEma(model_without_ddp, args.ema_decay)
     return run
 
 
@@ -270,6 +296,7 @@ def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
         run.args.clip_max_norm, amp=run.args.amp, scaler=run.scaler,
         progress=run.args.progress, metric_logger=timing,
         grad_accum_steps=run.args.grad_accum_steps,
+        on_step=None if run.ema is None else lambda: run.ema.update(run.model_without_ddp),
     )  # fmt: skip
     run.lr_scheduler.step()
     return {
@@ -294,9 +321,10 @@ def with_test_stats(record: dict[str, Any], test_stats: dict[str, Any]) -> dict[
 
 
 def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
-    """Validation losses and COCO metrics of the current weights: ``(stats, evaluator)``."""
+    """Validation losses and COCO metrics of the current weights (their moving average with
+    ``--ema``): ``(stats, evaluator)``."""
     return evaluate(
-        run.model, run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
+        eval_model(run), run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
         amp=run.args.amp, progress=run.args.progress,
     )  # fmt: skip
 
@@ -324,6 +352,9 @@ def _checkpoint(run: TrainingRun, epoch: int, record: dict[str, Any]) -> dict[st
     }
     if run.scaler is not None:
         checkpoint["scaler"] = run.scaler.state_dict()
+    if run.ema is not None:
+        checkpoint["ema"] = run.ema.state_dict()
+        checkpoint["ema_updates"] = run.ema.updates
     return checkpoint
 
 
