@@ -243,6 +243,18 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         metavar="D",
         help="decay of --ema, warmed up as min(D, (1 + t) / (10 + t)) at optimizer step t",
     )
+    new.add_argument(
+        "--save_best",
+        action="store_true",
+        help="also write checkpoint_best.pth whenever the validation AP improves",
+    )
+    new.add_argument(
+        "--early_stop",
+        default=0,
+        type=int,
+        metavar="N",
+        help="stop after N evaluations without a better validation AP (0: never)",
+    )
 
 
 def _new_option_names() -> frozenset[str]:
@@ -385,6 +397,8 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
     for name in ("batch_size", "epochs", "lr_drop", "eval_every", "grad_accum_steps"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.early_stop < 0:
+        raise OptionError(f"--early_stop must be at least 0, got {args.early_stop}")
     if not 0.0 < args.ema_decay < 1.0:
         raise OptionError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.num_workers < 0:

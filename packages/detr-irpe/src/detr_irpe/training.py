@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from detr_irpe import __version__
 from detr_irpe.atomic import check_writable_dir, remove_stale_temporaries, write_json
+from detr_irpe.best import BestTracker
 from detr_irpe.checkpoint import (
     is_resumable,
     load_checkpoint,
@@ -63,6 +64,7 @@ __all__ = [
     "prepare_run_options",
     "save_evaluation",
     "set_up",
+    "track_best",
     "train_epoch",
     "with_test_stats",
 ]
@@ -104,6 +106,7 @@ class TrainingRun:
     start_epoch: int
     n_parameters: int
     ema: ModelEma | None = None  # --ema
+    best: BestTracker = field(default_factory=BestTracker)  # --save_best, --early_stop
 
 
 def eval_model(run: TrainingRun) -> nn.Module:
@@ -205,6 +208,7 @@ def _load_start(run: TrainingRun, given: Iterable[str]) -> None:
     run.start_epoch = restore_training_state(
         start.state, run.optimizer, run.lr_scheduler, run.scaler, str(start.path)
     )
+    run.best = BestTracker.from_checkpoint(start.state)
     step_size = getattr(run.lr_scheduler, "step_size", args.lr_drop)
     if step_size != args.lr_drop:
         logger.warning(
@@ -329,6 +333,22 @@ def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
     )  # fmt: skip
 
 
+def track_best(run: TrainingRun, epoch: int, test_stats: dict[str, Any]) -> bool:
+    """Record an evaluation's AP in ``run.best``; whether ``--early_stop`` ends the run now."""
+    ap_list = test_stats.get("coco_eval_bbox")
+    if not ap_list:
+        return False
+    if run.best.update(float(ap_list[0]), epoch):
+        logger.info("epoch %d: best validation AP so far, %.4f", epoch, ap_list[0])
+    stop = 0 < run.args.early_stop <= run.best.evals_since_best
+    if stop:
+        logger.info(
+            "early stop after epoch %d: %d evaluations without improving on AP %.4f (epoch %d)",
+            epoch, run.best.evals_since_best, run.best.best_ap, run.best.best_epoch,
+        )  # fmt: skip
+    return stop
+
+
 def _check_finite_weights(model: nn.Module, epoch: int) -> None:
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point()
            and not bool(torch.isfinite(t).all())]  # fmt: skip
@@ -349,6 +369,7 @@ def _checkpoint(run: TrainingRun, epoch: int, record: dict[str, Any]) -> dict[st
         "class_names": _class_names(run),
         "log_record": record,  # restored into log.txt by a resumed run if a kill lost it
         "detr_irpe_version": __version__,
+        **run.best.state_dict(),
     }
     if run.scaler is not None:
         checkpoint["scaler"] = run.scaler.state_dict()
@@ -377,7 +398,10 @@ def commit_epoch(
     if run.output_dir is None:
         return
     checkpoint = _checkpoint(run, epoch, record)
-    for path in checkpoint_paths(run.output_dir, epoch, run.args.lr_drop):
+    paths = checkpoint_paths(run.output_dir, epoch, run.args.lr_drop)
+    if run.args.save_best and run.best.best_epoch == epoch and evaluator is not None:
+        paths.append(run.output_dir / "checkpoint_best.pth")
+    for path in paths:
         save_checkpoint(path, checkpoint)
     logs.write(record, epoch)
     if evaluator is not None:

@@ -14,7 +14,8 @@ multiple of ``--lr_drop`` or 100, both written atomically after the epoch's eval
 run killed at any moment resumes with ``--resume output/checkpoint.pth``; ``log.txt`` (one
 JSON line per epoch with the original's keys, plus ``epoch_time``, ``train_data_time`` and
 ``train_iter_time`` in seconds); ``eval/latest.pth`` and ``eval/{epoch:03}.pth`` (every 50
-epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``. An
+epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``;
+``checkpoint_best.pth`` with ``--save_best`` whenever the validation AP improves. An
 ``--eval`` run writes ``eval.pth`` and ``eval_stats.json``.
 
 ``--finetune CHECKPOINT`` starts a new training (epoch 0, fresh optimizer) from another
@@ -78,7 +79,10 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         if (epoch + 1) % run.args.eval_every == 0 or epoch == run.args.epochs - 1:
             test_stats, evaluator = training.evaluate_run(run)
         record = training.with_test_stats(record, test_stats)
+        stop = training.track_best(run, epoch, test_stats)
         training.commit_epoch(run, epoch, record, evaluator, logs)
+        if stop:
+            break
     logs.close()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
