@@ -47,6 +47,7 @@ from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
 from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
+from detr_irpe.evaluation.per_class import report_per_class
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -326,11 +327,15 @@ def with_test_stats(record: dict[str, Any], test_stats: dict[str, Any]) -> dict[
 
 def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
     """Validation losses and COCO metrics of the current weights (their moving average with
-    ``--ema``): ``(stats, evaluator)``."""
-    return evaluate(
+    ``--ema``): ``(stats, evaluator)``. The AP of each class is logged and written to
+    ``ap_per_class.json`` in the output folder."""
+    stats, evaluator = evaluate(
         eval_model(run), run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
         amp=run.args.amp, progress=run.args.progress,
     )  # fmt: skip
+    if evaluator is not None and is_main_process():
+        report_per_class(evaluator, run.output_dir)
+    return stats, evaluator
 
 
 def track_best(run: TrainingRun, epoch: int, test_stats: dict[str, Any]) -> bool:
