@@ -16,6 +16,7 @@ import argparse
 import copy
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 __all__ = [
@@ -255,6 +256,13 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="stop after N evaluations without a better validation AP (0: never)",
     )
+    new.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="options from a YAML file (option names without dashes as keys); flags on the "
+        "command line win. Each run writes its options to output_dir/config.yaml",
+    )
 
 
 def _new_option_names() -> frozenset[str]:
@@ -308,12 +316,23 @@ def parse_options(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, frozenset[str]]:
     """``(options, given)``: ``argv`` parsed, and the names of the options it sets explicitly
-    (as opposed to defaults), for the rules that let a checkpoint's options win."""
+    (as opposed to defaults), for the rules that let a checkpoint's options win.
+
+    With ``--config FILE`` (a parser that has it) the file's values become the defaults
+    first; they do not count as given.
+
+    Raises:
+        OptionError: the ``--config`` file cannot be read or names an unknown option.
+    """
+    from detr_irpe.config_file import apply_config_file
+
     argv = None if argv is None else list(argv)
+    apply_config_file(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     # argparse has no public way to tell a default from a given value; a second parse with
     # every default suppressed leaves only the options present on the command line.
     probe = copy.deepcopy(parser)
+    probe._defaults.clear()  # set_defaults (--config) values are defaults, not given
     for action in probe._actions:
         action.default = argparse.SUPPRESS
         action.required = False
