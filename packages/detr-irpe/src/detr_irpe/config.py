@@ -257,6 +257,14 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         help="stop after N evaluations without a better validation AP (0: never)",
     )
     new.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="a YOLO/Ultralytics dataset instead of --coco_path: DIR/data.yaml (names), "
+        "DIR/images/{train,val}/, DIR/labels/{train,val}/*.txt ('class cx cy w h', "
+        "normalised); converted to COCO in output_dir/yolo_as_coco",
+    )
+    new.add_argument(
         "--config",
         default=None,
         metavar="FILE.yaml",

@@ -72,7 +72,10 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     if run.output_dir is not None:
         from detr_irpe.config_file import write_run_config
 
-        write_run_config(run.args, build_parser(), run.output_dir)
+        options = argparse.Namespace(**vars(run.args))
+        if options.data:  # the conversion is redone from --data
+            options.coco_path = None
+        write_run_config(options, build_parser(), run.output_dir)
     if run.start_epoch >= run.args.epochs:
         logger.warning(
             "nothing to train: start epoch %d >= --epochs %d", run.start_epoch, run.args.epochs
