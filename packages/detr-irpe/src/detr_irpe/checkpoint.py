@@ -608,7 +608,8 @@ def model_from_checkpoint(
     *,
     base: argparse.Namespace | None = None,
 ) -> CheckpointModel:
-    """Rebuild the detector a checkpoint holds: its options, its weights, ready to run.
+    """Rebuild the detector a checkpoint holds: its options, its weights (the moving average
+    ``ema`` when the checkpoint has one), ready to run.
 
     Args:
         path: a checkpoint of this package or of the original programme (or a URL).
@@ -635,8 +636,12 @@ def model_from_checkpoint(
     args = complete_args(args)
     args.backbone_weights = "none"  # the checkpoint holds the backbone
     model, criterion, postprocessors = build_model(args)
+    weights = state
+    if isinstance(state.get("ema"), Mapping):  # --ema: the moving average is the model to use
+        weights = {**state, "model": state["ema"]}
+        logger.info("%s: using the EMA weights", local)
     try:
-        load_checkpoint(state, model, source=str(local))
+        load_checkpoint(weights, model, source=str(local))
     except StateDictMismatchError as err:
         changed = sorted(f"--{name}" for name in set(overrides) & ARCHITECTURE_OPTIONS)
         if not changed:

@@ -16,6 +16,7 @@ import argparse
 import copy
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 __all__ = [
@@ -222,6 +223,54 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
     new.add_argument(
         "--no_progress", dest="progress", action="store_false", help="no progress bars"
     )
+    new.add_argument(
+        "--grad_accum_steps",
+        default=1,
+        type=int,
+        metavar="N",
+        help="accumulate the gradients of N batches per optimizer step (the update of an "
+        "N times larger batch)",
+    )
+    new.add_argument(
+        "--ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (saved in the checkpoint as "
+        "'ema'); evaluation, detr-irpe-eval and -predict use it",
+    )
+    new.add_argument(
+        "--ema_decay",
+        default=0.9998,
+        type=float,
+        metavar="D",
+        help="decay of --ema, warmed up as min(D, (1 + t) / (10 + t)) at optimizer step t",
+    )
+    new.add_argument(
+        "--save_best",
+        action="store_true",
+        help="also write checkpoint_best.pth whenever the validation AP improves",
+    )
+    new.add_argument(
+        "--early_stop",
+        default=0,
+        type=int,
+        metavar="N",
+        help="stop after N evaluations without a better validation AP (0: never)",
+    )
+    new.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="a YOLO/Ultralytics dataset instead of --coco_path: DIR/data.yaml (names), "
+        "DIR/images/{train,val}/, DIR/labels/{train,val}/*.txt ('class cx cy w h', "
+        "normalised); converted to COCO in output_dir/yolo_as_coco",
+    )
+    new.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="options from a YAML file (option names without dashes as keys); flags on the "
+        "command line win. Each run writes its options to output_dir/config.yaml",
+    )
 
 
 def _new_option_names() -> frozenset[str]:
@@ -275,12 +324,23 @@ def parse_options(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, frozenset[str]]:
     """``(options, given)``: ``argv`` parsed, and the names of the options it sets explicitly
-    (as opposed to defaults), for the rules that let a checkpoint's options win."""
+    (as opposed to defaults), for the rules that let a checkpoint's options win.
+
+    With ``--config FILE`` (a parser that has it) the file's values become the defaults
+    first; they do not count as given.
+
+    Raises:
+        OptionError: the ``--config`` file cannot be read or names an unknown option.
+    """
+    from detr_irpe.config_file import apply_config_file
+
     argv = None if argv is None else list(argv)
+    apply_config_file(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     # argparse has no public way to tell a default from a given value; a second parse with
     # every default suppressed leaves only the options present on the command line.
     probe = copy.deepcopy(parser)
+    probe._defaults.clear()  # set_defaults (--config) values are defaults, not given
     for action in probe._actions:
         action.default = argparse.SUPPRESS
         action.required = False
@@ -361,9 +421,13 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
         raise OptionError("--coco_path is required: the folder holding annotations/ and images")
     if args.coco_path and not os.path.isdir(args.coco_path):
         raise OptionError(f"--coco_path '{args.coco_path}' is not a directory")
-    for name in ("batch_size", "epochs", "lr_drop", "eval_every"):
+    for name in ("batch_size", "epochs", "lr_drop", "eval_every", "grad_accum_steps"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.early_stop < 0:
+        raise OptionError(f"--early_stop must be at least 0, got {args.early_stop}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise OptionError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.num_workers < 0:
         raise OptionError(f"--num_workers must be at least 0, got {args.num_workers}")
     cpus = _usable_cpus()

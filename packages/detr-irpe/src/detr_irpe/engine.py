@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,28 +166,70 @@ def _log_values(
     return values
 
 
-def _backward_and_step(
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Accumulate the gradients of ``loss`` (through the ``scaler`` for fp16)."""
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+
+
+def _step(
     model: nn.Module,
-    loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     max_norm: float,
     scaler: torch.amp.GradScaler | None,
+    on_step: Callable[[], None] | None,
 ) -> None:
-    """Backward, clipping of the global gradient norm to ``max_norm`` (when > 0), step; through
-    the ``scaler`` for fp16, clipping the true (unscaled) gradients."""
-    optimizer.zero_grad(set_to_none=True)
+    """Clipping of the (accumulated) global gradient norm to ``max_norm`` (when > 0), step,
+    zero_grad, ``on_step()``; through the ``scaler`` for fp16, clipping the true (unscaled)
+    gradients."""
     if scaler is None:
-        loss.backward()
         if max_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    if max_norm > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scaler.step(optimizer)
-    scaler.update()
+    else:
+        if max_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if on_step is not None:
+        on_step()
+
+
+def _sync_context(model: nn.Module, final: bool) -> contextlib.AbstractContextManager[Any]:
+    """``model.no_sync()`` on the micro-steps before the last of a group (DDP), else nothing."""
+    if final or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _forward(
+    model: nn.Module,
+    criterion: nn.Module,
+    samples: Any,
+    targets: list[dict[str, Any]],
+    device: torch.device,
+    amp: str,
+    where: tuple[int, int],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(weighted total loss, logged values)`` of one batch; ``where`` is (epoch, iteration).
+
+    Raises:
+        NonFiniteLossError: the total loss, averaged over ranks, is not finite.
+    """
+    weight_dict = criterion.weight_dict
+    with _autocast(device, amp):
+        outputs = model(samples)
+    loss_dict = _compute_losses(criterion, outputs, targets, *where)
+    losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+    values = _log_values(loss_dict, weight_dict)
+    if not math.isfinite(values["loss"]):
+        terms = {k: v for k, v in values.items() if k == "loss" or k in weight_dict}
+        raise NonFiniteLossError(*where, terms)
+    return losses, values
 
 
 def train_one_epoch(
@@ -204,12 +246,15 @@ def train_one_epoch(
     print_freq: int = 10,
     progress: bool = True,
     metric_logger: MetricLogger | None = None,
+    grad_accum_steps: int = 1,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``.
 
-    Per batch: forward, losses (weighted sum over ``criterion.weight_dict``), backward,
-    gradient clipping to a global L2 norm of ``max_norm`` over all parameters when
-    ``max_norm > 0``, optimizer step.
+    Per batch: forward, losses (weighted sum over ``criterion.weight_dict``), backward.
+    Every ``grad_accum_steps`` batches (and after the last batch of the epoch): gradient
+    clipping to a global L2 norm of ``max_norm`` over all parameters when ``max_norm > 0``,
+    optimizer step, ``on_step()``, zero_grad.
 
     Args:
         model: the detector (optionally DDP-wrapped); ``model(samples)`` returns
@@ -227,6 +272,10 @@ def train_one_epoch(
         progress: allow a progress bar (rank 0, terminal only).
         metric_logger: pass one to read the timings afterwards (``data_time``,
             ``iter_time``); a new one is used otherwise.
+        grad_accum_steps: batches whose gradients are accumulated into one step, each loss
+            scaled by ``1 / grad_accum_steps``: the update of a batch that many times larger.
+            Under DDP the gradients are all-reduced only on the last batch of a group.
+        on_step: called after every optimizer step (e.g. to update a moving average).
 
     Returns:
         Global averages over the epoch (and over ranks): ``lr``, ``class_error``, ``loss``,
@@ -247,28 +296,30 @@ def train_one_epoch(
     metrics = metric_logger if metric_logger is not None else MetricLogger()
     metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metrics.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    weight_dict = criterion.weight_dict
     header = f"Epoch: [{epoch}]"
+    total = len(data_loader) if hasattr(data_loader, "__len__") else None
+    pending = False
+    optimizer.zero_grad(set_to_none=True)
 
     for iteration, (samples, targets) in enumerate(
         metrics.log_every(data_loader, print_freq, header, progress=progress)
     ):
+        final = (iteration + 1) % grad_accum_steps == 0 or iteration + 1 == total
         samples = samples.to(device)
         targets = _targets_to(targets, device)
-        with _autocast(device, amp):
-            outputs = model(samples)
-        loss_dict = _compute_losses(criterion, outputs, targets, epoch, iteration)
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-
-        values = _log_values(loss_dict, weight_dict)
-        if not math.isfinite(values["loss"]):
-            terms = {k: v for k, v in values.items() if k == "loss" or k in weight_dict}
-            raise NonFiniteLossError(epoch, iteration, terms)
-
-        _backward_and_step(model, losses, optimizer, max_norm, scaler)
+        with _sync_context(model, final):
+            losses, values = _forward(
+                model, criterion, samples, targets, device, amp, (epoch, iteration)
+            )
+            _backward(losses / grad_accum_steps, scaler)
+        pending = not final
+        if final:
+            _step(model, optimizer, max_norm, scaler, on_step)
         metrics.update(**values)
         metrics.update(lr=optimizer.param_groups[0]["lr"])
 
+    if pending:  # an iterable without a length ended inside a group
+        _step(model, optimizer, max_norm, scaler, on_step)
     metrics.synchronize_between_processes()
     logger.info("Epoch %d averaged stats: %s", epoch, metrics)
     return metrics.global_averages()

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from detr_irpe import __version__
 from detr_irpe.atomic import check_writable_dir, remove_stale_temporaries, write_json
+from detr_irpe.best import BestTracker
 from detr_irpe.checkpoint import (
     is_resumable,
     load_checkpoint,
@@ -43,8 +44,10 @@ from detr_irpe.checkpoint import (
 from detr_irpe.cli.loaders import build_train_loader, build_val_loader, set_epoch
 from detr_irpe.config import prepare_options
 from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
+from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
+from detr_irpe.evaluation.per_class import report_per_class
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -56,11 +59,13 @@ __all__ = [
     "build_train_data",
     "checkpoint_paths",
     "commit_epoch",
+    "eval_model",
     "evaluate_run",
     "open_logs",
     "prepare_run_options",
     "save_evaluation",
     "set_up",
+    "track_best",
     "train_epoch",
     "with_test_stats",
 ]
@@ -101,6 +106,13 @@ class TrainingRun:
     start: StartCheckpoint | None
     start_epoch: int
     n_parameters: int
+    ema: ModelEma | None = None  # --ema
+    best: BestTracker = field(default_factory=BestTracker)  # --save_best, --early_stop
+
+
+def eval_model(run: TrainingRun) -> nn.Module:
+    """The model evaluations use: the moving average with ``--ema``, else the trained one."""
+    return run.ema.module if run.ema is not None else run.model
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
@@ -125,11 +137,34 @@ def _read_start(args: argparse.Namespace) -> StartCheckpoint | None:
     return None
 
 
+def _yolo_as_coco(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``coco_path`` the COCO conversion of the ``--data`` YOLO dataset."""
+    import tempfile
+
+    from detr_irpe.config import OptionError
+    from detr_irpe.data.yolo import convert_yolo
+
+    if args.coco_path:
+        raise OptionError("--data and --coco_path exclude each other: give one dataset")
+    if not Path(args.data).is_dir():
+        raise OptionError(f"--data '{args.data}' is not a directory")
+    if args.output_dir:
+        target = Path(args.output_dir) / "yolo_as_coco"
+    else:
+        target = Path(tempfile.mkdtemp(prefix="detr-irpe-yolo-"))
+    converted = argparse.Namespace(**vars(args))
+    converted.coco_path = str(convert_yolo(args.data, target, bool(args.skip_bad_samples)))
+    return converted
+
+
 def prepare_run_options(
     args: argparse.Namespace, given: Iterable[str] = ()
 ) -> tuple[argparse.Namespace, StartCheckpoint | None]:
     """The run's options, checked once: the model options of ``--resume``/``--finetune``'s
-    checkpoint (a contradicting flag in ``given`` is refused), then every option checked."""
+    checkpoint (a contradicting flag in ``given`` is refused), then every option checked.
+    ``--data`` (YOLO) is converted to the COCO layout first and becomes ``coco_path``."""
+    if getattr(args, "data", None):
+        args = _yolo_as_coco(args)
     args = prepare_options(args)
     start = _read_start(args)
     if start is not None:
@@ -189,12 +224,15 @@ def _load_start(run: TrainingRun, given: Iterable[str]) -> None:
         logger.info("fine-tuning from %s", start.path)
         return
     load_checkpoint(start.state, run.model_without_ddp, source=str(start.path))
+    if args.ema or args.eval:
+        _restore_ema(run, start)
     if args.eval or not is_resumable(start.state):
         logger.info("loaded the model weights of %s", start.path)
         return
     run.start_epoch = restore_training_state(
         start.state, run.optimizer, run.lr_scheduler, run.scaler, str(start.path)
     )
+    run.best = BestTracker.from_checkpoint(start.state)
     step_size = getattr(run.lr_scheduler, "step_size", args.lr_drop)
     if step_size != args.lr_drop:
         logger.warning(
@@ -202,6 +240,20 @@ def _load_start(run: TrainingRun, given: Iterable[str]) -> None:
             "every --lr_drop %d epochs", step_size, args.lr_drop,
         )  # fmt: skip
     logger.info("resumed from %s: continuing at epoch %d", start.path, run.start_epoch)
+
+
+def _restore_ema(run: TrainingRun, start: StartCheckpoint) -> None:
+    """The resumed checkpoint's moving average into ``run.ema`` (made for ``--eval`` when the
+    checkpoint has one, so that the evaluation uses it)."""
+    weights = start.state.get("ema")
+    if not isinstance(weights, dict):
+        if run.args.ema:
+            logger.warning("%s has no EMA weights: the average starts from its weights", start.path)
+        return
+    run.ema = ModelEma(run.model_without_ddp, run.args.ema_decay)
+    load_checkpoint({"model": weights}, run.ema.module, source=f"{start.path} (ema)")
+    run.ema.updates = int(start.state.get("ema_updates", 0))
+    logger.info("restored the EMA weights of %s (%d updates)", start.path, run.ema.updates)
 
 
 def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
@@ -239,6 +291,8 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
     )  # fmt: skip
     logger.info("number of params: %d", run.n_parameters)
     _load_start(run, given)
+    if args.ema and run.ema is None:  # from the start (or fine-tuned) weights
+        run.ema = ModelEma(model_without_ddp, args.ema_decay)
     return run
 
 
@@ -269,6 +323,8 @@ def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
         run.model, run.criterion, loader, run.optimizer, run.device, epoch,
         run.args.clip_max_norm, amp=run.args.amp, scaler=run.scaler,
         progress=run.args.progress, metric_logger=timing,
+        grad_accum_steps=run.args.grad_accum_steps,
+        on_step=None if run.ema is None else lambda: run.ema.update(run.model_without_ddp),
     )  # fmt: skip
     run.lr_scheduler.step()
     return {
@@ -293,11 +349,32 @@ def with_test_stats(record: dict[str, Any], test_stats: dict[str, Any]) -> dict[
 
 
 def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
-    """Validation losses and COCO metrics of the current weights: ``(stats, evaluator)``."""
-    return evaluate(
-        run.model, run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
+    """Validation losses and COCO metrics of the current weights (their moving average with
+    ``--ema``): ``(stats, evaluator)``. The AP of each class is logged and written to
+    ``ap_per_class.json`` in the output folder."""
+    stats, evaluator = evaluate(
+        eval_model(run), run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
         amp=run.args.amp, progress=run.args.progress,
     )  # fmt: skip
+    if evaluator is not None and is_main_process():
+        report_per_class(evaluator, run.output_dir)
+    return stats, evaluator
+
+
+def track_best(run: TrainingRun, epoch: int, test_stats: dict[str, Any]) -> bool:
+    """Record an evaluation's AP in ``run.best``; whether ``--early_stop`` ends the run now."""
+    ap_list = test_stats.get("coco_eval_bbox")
+    if not ap_list:
+        return False
+    if run.best.update(float(ap_list[0]), epoch):
+        logger.info("epoch %d: best validation AP so far, %.4f", epoch, ap_list[0])
+    stop = 0 < run.args.early_stop <= run.best.evals_since_best
+    if stop:
+        logger.info(
+            "early stop after epoch %d: %d evaluations without improving on AP %.4f (epoch %d)",
+            epoch, run.best.evals_since_best, run.best.best_ap, run.best.best_epoch,
+        )  # fmt: skip
+    return stop
 
 
 def _check_finite_weights(model: nn.Module, epoch: int) -> None:
@@ -320,9 +397,13 @@ def _checkpoint(run: TrainingRun, epoch: int, record: dict[str, Any]) -> dict[st
         "class_names": _class_names(run),
         "log_record": record,  # restored into log.txt by a resumed run if a kill lost it
         "detr_irpe_version": __version__,
+        **run.best.state_dict(),
     }
     if run.scaler is not None:
         checkpoint["scaler"] = run.scaler.state_dict()
+    if run.ema is not None:
+        checkpoint["ema"] = run.ema.state_dict()
+        checkpoint["ema_updates"] = run.ema.updates
     return checkpoint
 
 
@@ -345,7 +426,10 @@ def commit_epoch(
     if run.output_dir is None:
         return
     checkpoint = _checkpoint(run, epoch, record)
-    for path in checkpoint_paths(run.output_dir, epoch, run.args.lr_drop):
+    paths = checkpoint_paths(run.output_dir, epoch, run.args.lr_drop)
+    if run.args.save_best and run.best.best_epoch == epoch and evaluator is not None:
+        paths.append(run.output_dir / "checkpoint_best.pth")
+    for path in paths:
         save_checkpoint(path, checkpoint)
     logs.write(record, epoch)
     if evaluator is not None:

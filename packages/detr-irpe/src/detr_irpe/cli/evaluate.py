@@ -54,6 +54,7 @@ def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[
     from detr_irpe.data.coco import build_dataset, get_coco_api
     from detr_irpe.engine import evaluate
     from detr_irpe.evaluation import evaluation_report, format_stats
+    from detr_irpe.evaluation.per_class import report_per_class
     from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
     from detr_irpe.utils.logging import setup_logging
 
@@ -88,6 +89,8 @@ def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[
         if args.output:
             write_json(args.output, report)
             logger.info("wrote %s", args.output)
+        if evaluator is not None:
+            report_per_class(evaluator, args.output_dir or None)
         if args.output_dir and evaluator is not None:
             save_torch(evaluator.eval, Path(args.output_dir) / "eval.pth")
             write_json(Path(args.output_dir) / "eval_stats.json", report)

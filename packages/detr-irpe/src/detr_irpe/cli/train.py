@@ -14,7 +14,10 @@ multiple of ``--lr_drop`` or 100, both written atomically after the epoch's eval
 run killed at any moment resumes with ``--resume output/checkpoint.pth``; ``log.txt`` (one
 JSON line per epoch with the original's keys, plus ``epoch_time``, ``train_data_time`` and
 ``train_iter_time`` in seconds); ``eval/latest.pth`` and ``eval/{epoch:03}.pth`` (every 50
-epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``. An
+epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``;
+``checkpoint_best.pth`` with ``--save_best`` whenever the validation AP improves;
+``ap_per_class.json`` after each evaluation; ``config.yaml``, the run's options, which
+``--config`` accepts to repeat the run. An
 ``--eval`` run writes ``eval.pth`` and ``eval_stats.json``.
 
 ``--finetune CHECKPOINT`` starts a new training (epoch 0, fresh optimizer) from another
@@ -66,6 +69,13 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
 
     loader_train = training.build_train_data(run)
     logs = training.open_logs(run)
+    if run.output_dir is not None:
+        from detr_irpe.config_file import write_run_config
+
+        options = argparse.Namespace(**vars(run.args))
+        if options.data:  # the conversion is redone from --data
+            options.coco_path = None
+        write_run_config(options, build_parser(), run.output_dir)
     if run.start_epoch >= run.args.epochs:
         logger.warning(
             "nothing to train: start epoch %d >= --epochs %d", run.start_epoch, run.args.epochs
@@ -78,15 +88,22 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         if (epoch + 1) % run.args.eval_every == 0 or epoch == run.args.epochs - 1:
             test_stats, evaluator = training.evaluate_run(run)
         record = training.with_test_stats(record, test_stats)
+        stop = training.track_best(run, epoch, test_stats)
         training.commit_epoch(run, epoch, record, evaluator, logs)
+        if stop:
+            break
     logs.close()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``detr-irpe-train``; returns the exit status."""
-    args, given = parse_options(build_parser(), argv)
-    return run_cli(PROG, lambda: train(args, given))
+
+    def body() -> None:
+        args, given = parse_options(build_parser(), argv)  # --config errors: one line
+        train(args, given)
+
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":
