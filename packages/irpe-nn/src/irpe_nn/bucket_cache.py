@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .buckets import get_bucket_ids_2d
+from .buckets import get_bucket_ids_2d, get_bucket_ids_2d_traceable
 
 __all__ = [
     "BUCKET_IDS_CACHE_SIZE",
@@ -56,8 +56,16 @@ def bucket_ids(
 
     The returned table is shared: never modify it in place. Inside ``torch.compile`` the
     table is built by traced tensor code instead (the graph then carries it, and no Python
-    cache state leaks into the compiled program).
+    cache state leaks into the compiled program). With symbolic sizes (``torch.export``
+    with dynamic shapes, ONNX export) it is computed in the graph by
+    :func:`~irpe_nn.buckets.get_bucket_ids_2d_traceable`.
     """
+    symbolic = not (type(height) is int and type(width) is int)
+    if torch.compiler.is_exporting() or (symbolic and not torch.compiler.is_compiling()):
+        ids, num_buckets = get_bucket_ids_2d_traceable(
+            method, height, width, skip, alpha, beta, gamma, device
+        )
+        return ids.to(dtype), num_buckets
     if torch.compiler.is_compiling():
         return get_bucket_ids_2d(method, height, width, skip, alpha, beta, gamma, dtype, device)
     return _cached_bucket_ids(

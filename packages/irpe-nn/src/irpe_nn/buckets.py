@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "METHOD",
     "get_bucket_ids_2d",
+    "get_bucket_ids_2d_traceable",
     "num_base_buckets",
     "offset_bucket_table",
     "piecewise_index",
@@ -203,3 +204,53 @@ def get_bucket_ids_2d(
     # Computed in int64 whatever the requested dtype, so narrow dtypes cannot overflow or
     # mismatch midway (the original's quant + int32 failure).
     return ids.to(device=device, dtype=dtype).contiguous(), num_buckets
+
+
+def get_bucket_ids_2d_traceable(
+    method: int,
+    height: int | torch.SymInt | torch.Tensor,
+    width: int | torch.SymInt | torch.Tensor,
+    skip: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, int]:
+    """:func:`get_bucket_ids_2d` in plain tensor ops, for graphs with symbolic grid sizes.
+
+    Same values (int64), but ``height``/``width`` may be symbolic (``torch.export`` with
+    dynamic shapes, ONNX export): the piecewise function is applied to the ``(L, L)`` row
+    and column differences directly instead of through the cached offset table, and no
+    Python-side validation or caching touches the sizes.
+
+    Returns:
+        ``(ids (L, L) int64, num_buckets)`` with ``L = skip + height*width``.
+    """
+    # Row and column of every token, row-major (no integer division: ONNX-friendly).
+    grid = (height, width)
+    rows = torch.arange(height, device=device).view(-1, 1).expand(grid).reshape(-1)
+    cols = torch.arange(width, device=device).view(1, -1).expand(grid).reshape(-1)
+    dr = rows.view(-1, 1) - rows.view(1, -1)
+    dc = cols.view(-1, 1) - cols.view(1, -1)
+    beta_int = int(beta)
+    if method == METHOD.EUCLIDEAN:
+        dist = torch.round(torch.sqrt((dr * dr + dc * dc).to(torch.float32)))
+        ids = piecewise_index(dist, alpha, beta, gamma, torch.long) + beta_int
+    elif method == METHOD.QUANT:
+        ids = piecewise_index(dr * dr + dc * dc, alpha, beta, gamma, torch.long) + beta_int
+    elif method == METHOD.PRODUCT:
+        side = 2 * beta_int + 1
+        ids = (piecewise_index(dr, alpha, beta, gamma, torch.long) + beta_int) * side + (
+            piecewise_index(dc, alpha, beta, gamma, torch.long) + beta_int
+        )
+    elif method in (METHOD.CROSS_ROWS, METHOD.CROSS_COLS):
+        offset = dr if method == METHOD.CROSS_ROWS else dc
+        ids = piecewise_index(offset, alpha, beta, gamma, torch.long) + beta_int
+    else:
+        offset_bucket_table(method, 1, 1, alpha, beta, gamma)  # raises the usual error
+        raise AssertionError("unreachable")
+    num_buckets = num_base_buckets(method, beta)
+    if skip > 0:
+        ids = torch.nn.functional.pad(ids, (skip, 0, skip, 0), value=num_buckets)
+        num_buckets += 1
+    return ids, num_buckets
