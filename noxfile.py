@@ -136,7 +136,7 @@ def install_stack(session: nox.Session, *, ops: bool = True, detr: bool = True) 
         packages.append(str(ops_wheel(session, DEFAULT_TORCH, default_cuda_setting())))
     packages.append(str(ROOT / "packages" / "irpe-nn") + ("[plot]" if detr else ""))
     if detr:
-        packages.append(str(ROOT / "packages" / "detr-irpe"))
+        packages.append(str(ROOT / "packages" / "detr-irpe") + "[export]")
     session.install(*packages)
 
 
@@ -160,7 +160,7 @@ def dev(session: nox.Session) -> None:
     session.run(
         "uv", "pip", "install",
         "-e", str(ROOT / "packages" / "irpe-nn") + "[plot]",
-        "-e", str(ROOT / "packages" / "detr-irpe"),
+        "-e", str(ROOT / "packages" / "detr-irpe") + "[export]",
         external=True, env=env,
     )  # fmt: skip
     session.log(f"activate with: source {venv.relative_to(ROOT)}/bin/activate")
