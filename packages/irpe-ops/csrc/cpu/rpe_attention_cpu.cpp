@@ -100,11 +100,6 @@ inline void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t lda, 
   at::native::cpublas::brgemm(m, n, kd, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
-inline void gemm(int64_t m, int64_t n, int64_t kd, const c10::BFloat16* a, int64_t lda,
-                 const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(m, n, kd, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
-}
-
 // float64 (gradcheck, tests): plain loops.
 inline void gemm(int64_t m, int64_t n, int64_t kd, const double* a, int64_t lda, const double* b,
                  int64_t ldb, double* c, int64_t ldc, bool accumulate) {
