@@ -339,6 +339,24 @@ def test_bfloat16_detr_ids(generator: torch.Generator) -> None:
     torch.testing.assert_close(out.double(), reference(case)[0], atol=2e-2, rtol=2e-2)
 
 
+def test_bfloat16_is_float32_kernel_rounded(generator: torch.Generator) -> None:
+    # bfloat16 runs the float32 kernels on exact float32 copies: the same results, rounded.
+    case = make_case((1, 2, 70, 16), {"wq": 1, "wk": "H", "wv": 1}, generator, torch.bfloat16)
+    args = [case[n] for n in ("q", "k", "v", "ids", "wq", "wk", "wv")]
+    args32 = [a.float() if a is not None and a.is_floating_point() else a for a in args]
+    out, lse = torch.ops.irpe_ops.rpe_attention(*args, None, 0.1, 5, 0)
+    out32, lse32 = torch.ops.irpe_ops.rpe_attention(*args32, None, 0.1, 5, 0)
+    assert torch.equal(out, out32.bfloat16())
+    assert torch.equal(lse, lse32)
+    grad = torch.randn(out.shape, generator=generator).bfloat16()
+    grads = torch.ops.irpe_ops.rpe_attention_backward(grad, *args, None, out, lse, 0.1, 5, 0)
+    grads32 = torch.ops.irpe_ops.rpe_attention_backward(
+        grad.float(), *args32, None, out.float(), lse, 0.1, 5, 0
+    )
+    for g, g32 in zip(grads, grads32, strict=True):
+        assert torch.equal(g, g32.bfloat16())
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument errors
 # ---------------------------------------------------------------------------------------------
