@@ -200,3 +200,26 @@ def test_help_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+
+
+def test_custom_annotation_and_image_names(
+    synthetic_coco_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A set that does not follow the instances_{train,val}2017.json naming trains with
+    --train_ann/--val_ann/--train_images/--val_images (relative to --coco_path)."""
+    root = tmp_path / "custom"
+    (root / "labels").mkdir(parents=True)
+    shutil.copy(
+        synthetic_coco_root / "annotations/instances_train2017.json", root / "labels/tr.json"
+    )
+    shutil.copy(synthetic_coco_root / "annotations/instances_val2017.json", root / "labels/va.json")
+    shutil.copytree(synthetic_coco_root / "train2017", root / "pics_train")
+    shutil.copytree(synthetic_coco_root / "val2017", root / "pics_val")
+    names = ["--train_ann", "labels/tr.json", "--val_ann", "labels/va.json"]
+    names += ["--train_images", "pics_train", "--val_images", "pics_val"]
+    out = tmp_path / "run"
+    argv = [*MODEL, *RUN, "--coco_path", str(root), *names, "--output_dir", str(out)]
+    assert train_main([*argv, "--epochs", "1"]) == 0
+    assert read_checkpoint(out / "checkpoint.pth")["class_names"]
+    status, err = _train([*MODEL, *RUN, "--coco_path", str(root), "--epochs", "1"], capsys)
+    assert status == 1 and "instances_train2017.json" in err  # the default names are absent

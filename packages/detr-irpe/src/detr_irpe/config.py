@@ -256,6 +256,21 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="stop after N evaluations without a better validation AP (0: never)",
     )
+    for split in ("train", "val"):
+        new.add_argument(
+            f"--{split}_ann",
+            default=None,
+            metavar="FILE",
+            help=f"COCO annotation file of the {split} split, relative to --coco_path unless "
+            f"absolute (default: annotations/instances_{split}2017.json)",
+        )
+        new.add_argument(
+            f"--{split}_images",
+            default=None,
+            metavar="DIR",
+            help=f"image folder (or .zip) of the {split} split, relative to --coco_path unless "
+            f"absolute (default: {split}2017)",
+        )
     new.add_argument(
         "--data",
         default=None,

@@ -182,16 +182,16 @@ def prepare_run_options(
 def _num_classes(args: argparse.Namespace, start: StartCheckpoint | None) -> int:
     """``--num_classes``, else what a resumed checkpoint's classifier implies, else the largest
     category id + 1 of the training annotations (the validation ones for ``--eval``)."""
-    from detr_irpe.data.coco import SPLITS, num_classes_from_annotations
+    from detr_irpe.data.coco import num_classes_from_annotations, split_paths
 
     if args.num_classes is not None:
         return int(args.num_classes)
     if start is not None and start.resume and num_classes_of(start.state) is not None:
         return int(num_classes_of(start.state))  # type: ignore[arg-type]
     split = "train"
-    if args.eval and not (Path(args.coco_path) / SPLITS["train"][1]).is_file():
+    if args.eval and not split_paths(args, "train")[1].is_file():
         split = "val"
-    num_classes = num_classes_from_annotations(Path(args.coco_path) / SPLITS[split][1])
+    num_classes = num_classes_from_annotations(split_paths(args, split)[1])
     logger.info(
         "num_classes = %d (largest category id + 1 of the %s annotations)", num_classes, split
     )

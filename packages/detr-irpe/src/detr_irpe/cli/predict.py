@@ -72,16 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def class_names_for(state: Mapping[str, Any], coco_path: str | None) -> dict[int, str]:
-    """``{category_id: name}`` from the checkpoint's ``class_names`` or the annotations."""
+def class_names_for(state: Mapping[str, Any], args: argparse.Namespace) -> dict[int, str]:
+    """``{category_id: name}`` from the checkpoint's ``class_names`` or the annotations of
+    ``--coco_path`` (``--val_ann``/``--train_ann`` when given)."""
     stored = state.get("class_names")
     if stored:
         return {int(k): str(v) for k, v in stored.items()}
-    if coco_path:
-        from detr_irpe.data.coco import SPLITS, category_names
+    if args.coco_path:
+        from detr_irpe.data.coco import category_names, split_paths
 
         for split in ("val", "train"):
-            ann_file = Path(coco_path) / SPLITS[split][1]
+            ann_file = split_paths(args, split)[1]
             if ann_file.is_file():
                 return category_names(ann_file)
     logger.warning("no class names in the checkpoint and no --coco_path: showing category ids")
@@ -295,7 +296,7 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     )
     args, model, postprocessors = loaded.args, loaded.model, loaded.postprocessors
     device = torch.device(args.device)
-    class_names = class_names_for(loaded.checkpoint, args.coco_path)
+    class_names = class_names_for(loaded.checkpoint, args)
     transform = make_transforms("val", args)
 
     output_dir = Path(args.output_dir)

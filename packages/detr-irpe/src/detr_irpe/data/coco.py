@@ -62,6 +62,20 @@ SPLITS: dict[str, tuple[str, str]] = {
 }
 
 
+def split_paths(args: Namespace, image_set: str) -> tuple[Path, Path]:
+    """``(image folder, annotation file)`` of a split: ``--train_images``/``--val_images`` and
+    ``--train_ann``/``--val_ann`` when given (relative to ``--coco_path`` unless absolute),
+    else the original's ``train2017/`` and ``annotations/instances_train2017.json``.
+    The image folder may also be a ``.zip`` of that name (see :class:`CocoDetection`)."""
+    if image_set not in SPLITS:
+        raise ValueError(f"image_set must be one of {sorted(SPLITS)}, got {image_set!r}")
+    root = Path(args.coco_path or ".")
+    folder, ann_file = SPLITS[image_set]
+    folder = getattr(args, f"{image_set}_images", None) or folder
+    ann_file = getattr(args, f"{image_set}_ann", None) or ann_file
+    return root / folder, root / ann_file
+
+
 def coco_annotations_to_target(
     annotations: Sequence[Mapping[str, Any]], image_id: int, width: int, height: int
 ) -> Target:
@@ -254,14 +268,11 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
     """
     from detr_irpe.data.transforms import make_transforms
 
-    if image_set not in SPLITS:
-        raise ValueError(f"image_set must be one of {sorted(SPLITS)}, got {image_set!r}")
-    root = Path(args.coco_path)
-    folder, ann_file = SPLITS[image_set]
+    images, annotations = split_paths(args, image_set)
     skip_bad_samples = bool(args.skip_bad_samples)
     dataset = CocoDetection(
-        root / folder,
-        root / ann_file,
+        images,
+        annotations,
         transforms=make_transforms(image_set, args),
         skip_bad_samples=skip_bad_samples,
         seed=int(args.seed),
@@ -270,7 +281,7 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
         # Refused now: an empty split would otherwise fail only after a whole training epoch,
         # inside pycocotools' evaluation (val) or the sampler (train).
         dropped = " once the bad records were skipped" if skip_bad_samples else ""
-        raise AnnotationError(f"{root / ann_file}: the {image_set} split has no images{dropped}")
+        raise AnnotationError(f"{annotations}: the {image_set} split has no images{dropped}")
     return dataset
 
 
