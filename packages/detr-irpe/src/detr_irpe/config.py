@@ -370,6 +370,12 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _require_at_least(args: argparse.Namespace, minimum: int, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(args, name) < minimum:
+            raise OptionError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
+
+
 def check_model_options(args: argparse.Namespace) -> None:
     """Refuse model options that cannot build a model, each with one clear message.
 
@@ -383,11 +389,9 @@ def check_model_options(args: argparse.Namespace) -> None:
         raise UnsupportedOptionError(f"{flag}: panoptic segmentation is not supported by detr-irpe")
     if args.dataset_file != "coco":
         raise OptionError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco'")
-    for name in ("hidden_dim", "nheads", "num_queries", "dim_feedforward", "dec_layers"):
-        if getattr(args, name) < 1:
-            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.enc_layers < 0:
-        raise OptionError(f"--enc_layers must be at least 0, got {args.enc_layers}")
+    _require_at_least(args, 1, ("hidden_dim", "nheads", "num_queries", "dim_feedforward"))
+    _require_at_least(args, 1, ("dec_layers",))
+    _require_at_least(args, 0, ("enc_layers",))
     if args.hidden_dim % args.nheads:
         raise OptionError(
             f"--hidden_dim {args.hidden_dim} is not divisible by --nheads {args.nheads}"
@@ -436,15 +440,11 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
         raise OptionError("--coco_path is required: the folder holding annotations/ and images")
     if args.coco_path and not os.path.isdir(args.coco_path):
         raise OptionError(f"--coco_path '{args.coco_path}' is not a directory")
-    for name in ("batch_size", "epochs", "lr_drop", "eval_every", "grad_accum_steps"):
-        if getattr(args, name) < 1:
-            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.early_stop < 0:
-        raise OptionError(f"--early_stop must be at least 0, got {args.early_stop}")
+    _require_at_least(args, 1, ("batch_size", "epochs", "lr_drop", "eval_every"))
+    _require_at_least(args, 1, ("grad_accum_steps",))
+    _require_at_least(args, 0, ("early_stop", "num_workers"))
     if not 0.0 < args.ema_decay < 1.0:
         raise OptionError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
-    if args.num_workers < 0:
-        raise OptionError(f"--num_workers must be at least 0, got {args.num_workers}")
     cpus = _usable_cpus()
     if args.num_workers > cpus:
         logger.debug("--num_workers %d capped at the %d usable CPUs", args.num_workers, cpus)
