@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -33,14 +33,8 @@ def fixed_batch(args: Namespace, size: int = 2) -> tuple:
     return collate_fn([dataset[i] for i in range(size)])
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: several test processes share few cores, and OpenMP threads that
-    spin-wait on a busy machine make each step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread (the conftest fixture): much faster on a shared, busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
