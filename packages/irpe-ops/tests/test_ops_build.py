@@ -106,7 +106,8 @@ def _failing_import() -> None:
 
 def test_a_binary_that_cannot_load_names_both_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_library, "_import_extension", _failing_import)
-    monkeypatch.setattr(_library, "_built_torch_version", lambda: "2.13.0+cpu")
+    meta = {"TORCH_VERSION": "2.13.0+cpu", "CUDA": False}
+    monkeypatch.setattr(_library, "_build_meta", meta.get)
     with pytest.raises(ImportError) as caught:
         _library.load_extension()
     message = str(caught.value)
@@ -118,16 +119,33 @@ def test_a_binary_that_cannot_load_names_both_versions(monkeypatch: pytest.Monke
 
 def test_a_binary_without_build_metadata_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_library, "_import_extension", _failing_import)
-    monkeypatch.setattr(_library, "_built_torch_version", lambda: None)
+    monkeypatch.setattr(_library, "_build_meta", lambda name: None)
     with pytest.raises(ImportError, match=re.escape("built against an unknown torch")):
         _library.load_extension()
 
 
 def test_build_metadata_beside_the_binary_matches_it() -> None:
-    built = _library._built_torch_version()
+    built = _library._build_meta("TORCH_VERSION")
     if built is None:
         pytest.skip("irpe_ops/_build_meta.py is missing: a build older than the metadata module")
-    assert built == irpe_ops.build_info()["torch_version"]
+    info = irpe_ops.build_info()
+    assert built == info["torch_version"]
+    assert _library._build_meta("VERSION") == info["version"]
+    assert _library._build_meta("CUDA") == (info["cuda_version"] is not None)
+
+
+def test_a_cuda_build_under_a_cpu_only_torch_says_which_wheel_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_library, "_import_extension", _failing_import)
+    meta = {"TORCH_VERSION": "2.14.1+cu130", "CUDA": True, "VERSION": "0.1.0+pt214cu130"}
+    monkeypatch.setattr(_library, "_build_meta", meta.get)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ImportError) as caught:
+        _library.load_extension()
+    message = str(caught.value)
+    assert "0.1.0+pt214cu130) holds CUDA kernels" in message
+    assert "CPU-only irpe-ops wheel" in message and "IRPE_WITH_CUDA=OFF" in message
 
 
 def test_an_unloadable_binary_is_reported_end_to_end() -> None:
@@ -145,7 +163,7 @@ def test_an_unloadable_binary_is_reported_end_to_end() -> None:
     )
     assert "cannot load the compiled extension irpe_ops._C" in done.stdout
     assert f"running torch {torch.__version__}" in done.stdout
-    built = _library._built_torch_version()
+    built = _library._build_meta("TORCH_VERSION")
     if built is not None:
         assert f"built against torch {built}" in done.stdout
     assert _REBUILD in done.stdout

@@ -20,19 +20,20 @@ __all__ = ["check_build", "load_extension"]
 
 _log = logging.getLogger(__name__)
 
-# irpe-ops is not on a package index: it is rebuilt from a checkout of the repository, with the
-# build tools installed first (--no-build-isolation builds against the torch that is installed).
+# Either install the wheel built for the running torch (one per torch x CUDA variant, see
+# docs/install.md) or rebuild from a checkout against the installed torch (--no-build-isolation).
 _REBUILD_HINT = (
-    "Rebuild it against the running torch from the root of a checkout of the repository: "
+    "Install the irpe-ops wheel built for this torch (docs/install.md), or rebuild it against "
+    "the running torch from the root of a checkout of the repository: "
     "`pip install scikit-build-core pybind11 cmake ninja`, then "
     "`pip install --no-build-isolation ./packages/irpe-ops`."
 )
 
 
-def _built_torch_version() -> str | None:
-    """The torch version the binary was built against, from ``irpe_ops._build_meta``.
+def _build_meta(name: str) -> Any:
+    """``name`` from ``irpe_ops._build_meta``: what the binary was built against.
 
-    CMake installs that small module beside the extension, so the version can be named even
+    CMake installs that small module beside the extension, so the build can be described even
     when ``_C`` itself cannot be loaded (as for a binary built against another torch, whose
     symbols no longer resolve). ``None`` when it is missing (a build from before it existed).
     """
@@ -40,7 +41,23 @@ def _built_torch_version() -> str | None:
         from irpe_ops import _build_meta
     except ImportError:
         return None
-    return str(getattr(_build_meta, "TORCH_VERSION", "")) or None
+    return getattr(_build_meta, name, None)
+
+
+def _load_failure(err: ImportError) -> ImportError:
+    """The ImportError to raise when ``_C`` cannot be loaded: what was built, what runs, the fix."""
+    built = _build_meta("TORCH_VERSION")
+    if _build_meta("CUDA") and torch.version.cuda is None:
+        return ImportError(
+            f"irpe_ops: this build ({_build_meta('VERSION')}) holds CUDA kernels, but torch "
+            f"{torch.__version__} is a CPU-only build; install the CPU-only irpe-ops wheel "
+            f"(the +pt..cpu one, see docs/install.md) or rebuild with IRPE_WITH_CUDA=OFF: {err}"
+        )
+    built_against = f"torch {built}" if built else "an unknown torch (no build metadata)"
+    return ImportError(
+        f"irpe_ops: cannot load the compiled extension irpe_ops._C (built against "
+        f"{built_against}, running torch {torch.__version__}): {err}. {_REBUILD_HINT}"
+    )
 
 
 def _import_extension() -> ModuleType:
@@ -90,12 +107,7 @@ def load_extension() -> ModuleType:
     try:
         _C = _import_extension()
     except ImportError as err:
-        built = _built_torch_version()
-        built_against = f"torch {built}" if built else "an unknown torch (no build metadata)"
-        raise ImportError(
-            f"irpe_ops: cannot load the compiled extension irpe_ops._C (built against "
-            f"{built_against}, running torch {torch.__version__}): {err}. {_REBUILD_HINT}"
-        ) from err
+        raise _load_failure(err) from err
     try:
         package_version: str | None = metadata.version("irpe-ops")
     except metadata.PackageNotFoundError:
