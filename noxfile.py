@@ -37,6 +37,11 @@ TORCH = {
     "2.13.0": ("torch==2.13.0",),
 }
 DEFAULT_TORCH = "2.14.1"
+# The irpe-ops wheels of a release that one Linux x86_64 machine builds, as (torch,
+# IRPE_WITH_CUDA); the CUDA one needs nvcc. The full matrix (every Python) is in
+# .github/workflows/wheels.yml.
+WHEEL_MATRIX = (("2.13.0", "OFF"), ("2.14.1", "OFF"), ("2.14.1", "ON"))
+WHEELHOUSE = DIST / "wheelhouse"  # the release files; dist/simple indexes them
 BUILD_TOOLS = ("scikit-build-core>=0.10", "pybind11>=2.12", "build", "cmake>=3.26", "ninja")
 TEST_TOOLS = ("pytest>=8", "numpy")
 
@@ -115,10 +120,20 @@ def ops_wheel(session: nox.Session, torch_version: str, cuda: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     session.install(*BUILD_TOOLS)
     session.run(
-        "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out),
+        "python",
+        "-m",
+        "build",
+        "--wheel",
+        "--no-isolation",
+        "--outdir",
+        str(out),
         str(ROOT / "packages" / "irpe-ops"),
-        env={"IRPE_WITH_CUDA": cuda, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
-    )  # fmt: skip
+        env={
+            "IRPE_WITH_CUDA": cuda,
+            "IRPE_LOCAL_VERSION": "1",  # 0.1.0+pt214cu130: one wheel per torch x CUDA variant
+            "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+        },
+    )
     stamp.write_text(digest)
     return sorted(out.glob("irpe_ops-*.whl"))[-1]
 
@@ -176,28 +191,78 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(tags=["ci"])
 def wheels(session: nox.Session) -> None:
-    """Build every package's wheel into dist/; prove the irpe-ops wheel carries device code."""
-    session.install(*TORCH[DEFAULT_TORCH], *TEST_TOOLS)
-    cuda = default_cuda_setting()
-    wheel = ops_wheel(session, DEFAULT_TORCH, cuda)
+    """The release files: the irpe-ops wheel matrix, each package's wheel and sdist, indexes.
+
+    Into ``dist/wheelhouse``: one irpe-ops wheel per row of ``WHEEL_MATRIX`` (labelled
+    ``+pt214cu130``, pinned to its torch, tagged manylinux by ci/repair_wheel.py; the CUDA one
+    checked for device code), the irpe-nn and detr-irpe wheels, and an sdist of each package.
+    Then PEP 503 indexes over them: ``dist/simple`` and ``dist/whl/<variant>/simple``.
+    """
+    session.install("wheel", *BUILD_TOOLS)
+    shutil.rmtree(WHEELHOUSE, ignore_errors=True)
+    for torch_version, cuda in WHEEL_MATRIX:
+        if cuda == "ON" and not _nvcc():
+            session.warn(f"nvcc not found: no CUDA wheel for torch {torch_version}")
+            continue
+        session.install(TORCH[torch_version][0])
+        wheel = ops_wheel(session, torch_version, cuda)
+        if cuda == "ON":
+            check_device_code(session, wheel)
+        session.run(
+            "python", str(ROOT / "ci" / "repair_wheel.py"), str(wheel), "--out-dir", str(WHEELHOUSE)
+        )
+    # The sdist's metadata is computed against the installed torch: no isolated 5 GB build env.
+    session.run(
+        "python", "-m", "build", "--sdist", "--no-isolation", "--outdir", str(WHEELHOUSE),
+        str(ROOT / "packages" / "irpe-ops"),
+    )  # fmt: skip
     for package in ("irpe-nn", "detr-irpe"):
         session.run(
-            "uv", "build", "--wheel", "--out-dir", str(DIST), str(ROOT / "packages" / package),
-            external=True,
+            "uv", "build", "--wheel", "--sdist", "--out-dir", str(WHEELHOUSE),
+            str(ROOT / "packages" / package), external=True,
         )  # fmt: skip
-    if cuda == "ON":
-        archs = os.environ.get("IRPE_CHECK_ARCHS", "80,86,89,90")
-        session.install("nvidia-cuda-cuobjdump")
-        session.run(
-            "python", str(ROOT / "ci" / "check_cuda_wheel.py"), str(wheel), "--archs", archs
-        )
+    session.run(
+        "python", str(ROOT / "ci" / "simple_index.py"), str(WHEELHOUSE), "--root", str(DIST)
+    )
+
+
+def check_device_code(session: nox.Session, wheel: Path) -> None:
+    """The CUDA wheel holds SASS for the release architectures and PTX for the newest."""
+    archs = os.environ.get("IRPE_CHECK_ARCHS", "80,86,89,90")
+    session.install("nvidia-cuda-cuobjdump")
+    session.run("python", str(ROOT / "ci" / "check_cuda_wheel.py"), str(wheel), "--archs", archs)
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize(
+    ("torch_version", "index", "packages"),
+    [
+        ("2.14.1", "simple", "irpe-ops irpe-nn detr-irpe"),
+        ("2.14.1", "whl/cpu/simple", "irpe-ops irpe-nn"),
+        ("2.13.0", "simple", "irpe-ops irpe-nn"),
+        ("2.14.1", "simple", "irpe-nn"),
+    ],
+    ids=["torch2.14-all", "torch2.14-cpu-index", "torch2.13", "nn-alone"],
+)
+def index_install(session: nox.Session, torch_version: str, index: str, packages: str) -> None:
+    """A fresh environment with torch installs the packages by name from an index in dist/.
+
+    As docs/install.md tells users: the installed torch is pinned in the same command, so the
+    installer picks the irpe-ops wheel built for it instead of changing torch.
+    """
+    index_dir = DIST / index
+    if not (index_dir / "index.html").is_file():
+        session.error(f"{index_dir} is missing: run `ci/nox -s wheels` first")
+    names = packages.split()
+    session.install(*(TORCH[torch_version] if "detr-irpe" in names else TORCH[torch_version][:1]))
+    session.install(f"torch=={torch_version}", "--extra-index-url", index_dir.as_uri(), *names)
+    if "irpe-ops" not in names:
+        variant = ["--no-ops"]
+    elif index.startswith("whl/cpu") or torch_version != DEFAULT_TORCH or not _nvcc():
+        variant = ["--variant", "cpu"]  # the only build there (torch 2.13: CPU only here)
     else:
-        session.warn(
-            "nvcc not found: the irpe-ops wheel is CPU-only and its device code is not checked"
-        )
-    # The wheels install and import together in a clean environment.
-    session.install(str(wheel), *sorted(str(p) for p in DIST.glob("*.whl")))
-    session.run("python", "-c", "import irpe_ops, irpe_nn, detr_irpe; print(irpe_ops.build_info())")
+        variant = ["--variant", "cu"]  # the CUDA build's label sorts after the CPU one's
+    session.run("python", str(ROOT / "ci" / "smoke_installed.py"), *names, *variant)
 
 
 @nox.session(tags=["ci"])
