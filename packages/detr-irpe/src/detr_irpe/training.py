@@ -351,7 +351,7 @@ def with_test_stats(record: dict[str, Any], test_stats: dict[str, Any]) -> dict[
 def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
     """Validation losses and COCO metrics of the current weights (their moving average with
     ``--ema``): ``(stats, evaluator)``. The AP of each class is logged and written to
-    ``ap_per_class.json`` in the output folder."""
+    ``ap_per_class.json`` and ``ap_per_class.png`` in the output folder."""
     stats, evaluator = evaluate(
         eval_model(run), run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
         amp=run.args.amp, progress=run.args.progress,

@@ -16,8 +16,8 @@ JSON line per epoch with the original's keys, plus ``epoch_time``, ``train_data_
 ``train_iter_time`` in seconds); ``eval/latest.pth`` and ``eval/{epoch:03}.pth`` (every 50
 epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``;
 ``checkpoint_best.pth`` with ``--save_best`` whenever the validation AP improves;
-``ap_per_class.json`` after each evaluation; ``config.yaml``, the run's options, which
-``--config`` accepts to repeat the run. An
+``ap_per_class.json`` and its bar chart ``ap_per_class.png`` after each evaluation;
+``config.yaml``, the run's options, which ``--config`` accepts to repeat the run. An
 ``--eval`` run writes ``eval.pth`` and ``eval_stats.json``.
 
 ``--finetune CHECKPOINT`` starts a new training (epoch 0, fresh optimizer) from another
