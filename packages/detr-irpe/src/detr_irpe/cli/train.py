@@ -38,9 +38,13 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from detr_irpe.cli.errors import run_cli
 from detr_irpe.config import get_args_parser, parse_options
+
+if TYPE_CHECKING:
+    from detr_irpe.training import RunLogs, TrainingRun
 
 __all__ = ["build_parser", "main", "train"]
 
@@ -82,6 +86,19 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         )
     logger.info("Start training")
     start_time = time.time()
+    try:
+        _train_epochs(run, loader_train, logs)
+    except BaseException:
+        logs.close(failed=True)  # the trackers mark the run as failed
+        raise
+    logs.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+
+def _train_epochs(run: TrainingRun, loader_train: Any, logs: RunLogs) -> None:
+    """The epochs from ``run.start_epoch`` on, until ``--epochs`` or ``--early_stop``."""
+    from detr_irpe import training
+
     for epoch in range(run.start_epoch, run.args.epochs):
         record = training.train_epoch(run, loader_train, epoch)
         test_stats, evaluator = {}, None
@@ -92,8 +109,6 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         training.commit_epoch(run, epoch, record, evaluator, logs)
         if stop:
             break
-    logs.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
