@@ -102,7 +102,7 @@ def test_one_epoch_logs_to_mlflow_wandb_and_tensorboard(
     (history,) = client.get_metric_history(run.info.run_id, "train_loss")
     assert history.step == 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"ap_per_class.png", "ap_per_class.json"} <= artifacts
+    assert {"ap_per_class.png", "ap_per_class.json", "images"} <= artifacts  # images: per step
 
     kinds = [kind for kind, _ in wandb.calls]  # type: ignore[attr-defined]
     assert kinds == ["init", "config", "log", "log", "finish"]
