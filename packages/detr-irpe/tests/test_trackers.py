@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import TINY_CLI_MODEL as MODEL
 from conftest import TINY_CLI_RUN as RUN
+from PIL import Image
 
 from detr_irpe.cli.train import main as train_main
 from detr_irpe.config import OptionError
@@ -49,8 +50,12 @@ def _fake_wandb() -> types.ModuleType:
         module.calls.append(("init", kwargs))  # type: ignore[attr-defined]
         return _FakeRun(module.calls)  # type: ignore[attr-defined]
 
+    def image(data: Any, caption: str | None = None) -> tuple[str, Any]:
+        # A file by its name, a PIL image by its size.
+        return ("image", Path(data).name if isinstance(data, str) else data.size)
+
     module.init = init  # type: ignore[attr-defined]
-    module.Image = lambda path, caption=None: ("image", Path(path).name)  # type: ignore[attr-defined]
+    module.Image = image  # type: ignore[attr-defined]
     return module
 
 
@@ -103,13 +108,20 @@ def test_one_epoch_logs_to_mlflow_wandb_and_tensorboard(
     assert history.step == 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ap_per_class.png", "ap_per_class.json", "images"} <= artifacts  # images: per step
+    images = {a.path.split("+")[0] for a in client.list_artifacts(run.info.run_id, "images")}
+    first_val = sorted((synthetic_coco_root / "val2017").iterdir())[0].stem
+    assert {"images/ap_per_class", f"images/predictions_{first_val}"} <= images
 
     kinds = [kind for kind, _ in wandb.calls]  # type: ignore[attr-defined]
-    assert kinds == ["init", "config", "log", "log", "finish"]
-    init, config, (_, (step, epoch_log)), (_, (step2, eval_log)), finish = wandb.calls  # type: ignore[attr-defined]
+    assert kinds == ["init", "config", "log", "log", "log", "finish"]
+    init, config, epoch, evaluation, predictions, finish = wandb.calls  # type: ignore[attr-defined]
+    (step, epoch_log), (step2, eval_log), (step3, drawn) = epoch[1], evaluation[1], predictions[1]
     assert init[1]["name"] == "run" and init[1]["project"] == "detr-irpe"
     assert config[1]["lr_drop"] == "200"
-    assert step == step2 == 0
+    assert step == step2 == step3 == 0
+    assert len(drawn["predictions"]) == 4  # the first 4 validation images, at their size
+    with Image.open(synthetic_coco_root / "val2017" / f"{first_val}.png") as image:
+        assert drawn["predictions"][0] == ("image", image.size)
     assert epoch_log["train_loss"] == pytest.approx(record["train_loss"])
     assert eval_log == {**expected_per_class, "ap_per_class": ("image", "ap_per_class.png")}
     assert finish[1] == 0
@@ -181,10 +193,11 @@ def test_tensorboard_gets_the_per_class_scalars_and_chart(tmp_path: Path) -> Non
     log = TensorBoardLog(tmp_path / "tb")
     log.write({"train_loss": 1.0}, step=0)
     log.log_evaluation(TABLE, chart, step=0)
+    log.log_images("predictions", {"a.png": Image.new("RGB", (8, 6))}, step=0)
     log.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = events.Tags()
-    assert tags["images"] == ["ap_per_class"]
+    assert sorted(tags["images"]) == ["ap_per_class", "predictions/a.png"]
     assert set(tags["scalars"]) == {"train_loss", "AP_per_class/circle"}
     assert events.Scalars("AP_per_class/circle")[0].value == 0.5

@@ -435,10 +435,25 @@ def commit_epoch(
     logs.write(record, epoch)
     if evaluator is not None and logs.trackers:
         logs.write_evaluation(per_class_ap(evaluator), run.output_dir / PER_CLASS_CHART, epoch)
+        logs.write_images("predictions", _previews(run), epoch)
     if evaluator is not None:
         names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % EVAL_KEEP_EVERY == 0 else [])
         for name in names:
             save_torch(evaluator.eval, run.output_dir / "eval" / name)
+
+
+def _previews(run: TrainingRun) -> dict[str, Any]:
+    """The detections of the evaluated weights on the first validation images, drawn."""
+    from detr_irpe.data.transforms import make_transforms
+    from detr_irpe.preview import draw_previews
+
+    # The plain module, never the DDP wrapper: only rank 0 draws, and a DDP forward would wait
+    # for the other ranks.
+    model = run.ema.module if run.ema is not None else run.model_without_ddp
+    return draw_previews(
+        model, run.postprocessors["bbox"], run.loader_val.dataset,
+        make_transforms("val", run.args), run.device,
+    )  # fmt: skip
 
 
 def save_evaluation(run: TrainingRun, stats: dict[str, Any], evaluator: Any) -> None:
@@ -496,6 +511,11 @@ class RunLogs:
             return
         for tracker in self.trackers:
             tracker.log_evaluation(table, chart, step=epoch)
+
+    def write_images(self, key: str, images: dict[str, Any], epoch: int) -> None:
+        """``{caption: RGB image}`` to the trackers under ``key``."""
+        for tracker in self.trackers:
+            tracker.log_images(key, images, step=epoch)
 
     def close(self, failed: bool = False) -> None:
         """Finish every tracker; ``failed``: the run stopped on an error."""

@@ -18,7 +18,9 @@ epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorb
 ``checkpoint_best.pth`` with ``--save_best`` whenever the validation AP improves;
 ``ap_per_class.json`` and its bar chart ``ap_per_class.png`` after each evaluation;
 ``config.yaml``, the run's options, which ``--config`` accepts to repeat the run. An
-``--eval`` run writes ``eval.pth`` and ``eval_stats.json``.
+``--eval`` run writes ``eval.pth`` and ``eval_stats.json``. ``--tensorboard``, ``--mlflow``
+and ``--wandb`` also send the options, the numbers of every epoch, the per-class AP and
+pictures of the detections to those trackers (:mod:`detr_irpe.utils.trackers`).
 
 ``--finetune CHECKPOINT`` starts a new training (epoch 0, fresh optimizer) from another
 checkpoint's weights, e.g. a released COCO model on a dataset with other classes. With

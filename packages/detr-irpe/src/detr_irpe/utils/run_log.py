@@ -125,5 +125,13 @@ class TensorBoardLog(Tracker):
         self._writer.add_image("ap_per_class", pixels, step, dataformats="HWC")
         self._writer.flush()
 
+    def log_images(self, key: str, images: Mapping[str, Any], step: int) -> None:
+        """Each RGB image as ``<key>/<caption>``."""
+        import numpy as np
+
+        for caption, image in images.items():
+            self._writer.add_image(f"{key}/{caption}", np.asarray(image), step, dataformats="HWC")
+        self._writer.flush()
+
     def close(self, failed: bool = False) -> None:
         self._writer.close()

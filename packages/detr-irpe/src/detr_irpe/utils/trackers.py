@@ -7,6 +7,8 @@ Every tracker is one :class:`Tracker` subclass with the same four calls, which r
 * :meth:`Tracker.write` every epoch, with the ``log.txt`` record;
 * :meth:`Tracker.log_evaluation` after each evaluation, with the per-class AP table and its
   chart ``ap_per_class.png``;
+* :meth:`Tracker.log_images` after each evaluation, with the detections drawn on the first
+  validation images (:mod:`detr_irpe.preview`);
 * :meth:`Tracker.close` at the end (``failed=True`` when the run stopped on an error).
 
 The tracker packages are optional extras (``detr-irpe[mlflow]``, ``detr-irpe[wandb]``),
@@ -23,9 +25,12 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detr_irpe.evaluation.coco_eval import COCO_STAT_NAMES
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "MlflowTracker",
@@ -94,6 +99,9 @@ class Tracker:
     ) -> None:
         """Record an evaluation's per-class AP ``table`` and its ``chart`` PNG at ``step``."""
         self.write(per_class_metrics(table), step)
+
+    def log_images(self, key: str, images: Mapping[str, Image.Image], step: int) -> None:
+        """Record ``{caption: RGB image}`` (the drawn predictions) under ``key`` at ``step``."""
 
     def close(self, failed: bool = False) -> None:
         """Finish the record; ``failed``: the run stopped on an error."""
@@ -170,6 +178,11 @@ class MlflowTracker(Tracker):
         if json_table.is_file():
             self._client.log_artifact(self.run_id, str(json_table))
 
+    def log_images(self, key: str, images: Mapping[str, Image.Image], step: int) -> None:
+        for caption, image in images.items():
+            name = _mlflow_key(f"{key}_{Path(caption).stem}").replace("/", "_")
+            self._client.log_image(self.run_id, image, key=name, step=step)
+
     def close(self, failed: bool = False) -> None:
         self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
@@ -204,6 +217,10 @@ class WandbTracker(Tracker):
     ) -> None:
         image = self._wandb.Image(str(chart), caption=f"AP per class, epoch {step}")
         self._run.log({**per_class_metrics(table), "ap_per_class": image}, step=step)
+
+    def log_images(self, key: str, images: Mapping[str, Image.Image], step: int) -> None:
+        drawn = [self._wandb.Image(image, caption=caption) for caption, image in images.items()]
+        self._run.log({key: drawn}, step=step)
 
     def close(self, failed: bool = False) -> None:
         self._run.finish(exit_code=1 if failed else 0)
