@@ -201,3 +201,21 @@ def test_tensorboard_gets_the_per_class_scalars_and_chart(tmp_path: Path) -> Non
     assert sorted(tags["images"]) == ["ap_per_class", "predictions/a.png"]
     assert set(tags["scalars"]) == {"train_loss", "AP_per_class/circle"}
     assert events.Scalars("AP_per_class/circle")[0].value == 0.5
+
+
+def test_a_run_that_fails_closes_its_trackers_as_failed(
+    synthetic_coco_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    from detr_irpe import training
+
+    wandb = _fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("out of memory in the first epoch")
+
+    monkeypatch.setattr(training, "train_epoch", fail)
+    argv = [*MODEL, *RUN, "--coco_path", str(synthetic_coco_root), "--wandb"]
+    with pytest.raises(MemoryError, match="first epoch"):  # the run's own error, unmasked
+        train_main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert wandb.calls[-1] == ("finish", 1)  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ options parse, so ``--help`` and bad flags answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import sys
@@ -91,7 +92,9 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     try:
         _train_epochs(run, loader_train, logs)
     except BaseException:
-        logs.close(failed=True)  # the trackers mark the run as failed
+        # The trackers mark the run as failed; the run's own error is the one to report.
+        with contextlib.suppress(Exception):
+            logs.close(failed=True)
         raise
     logs.close()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
