@@ -151,7 +151,8 @@ def install_stack(session: nox.Session, *, ops: bool = True, detr: bool = True) 
         packages.append(str(ops_wheel(session, DEFAULT_TORCH, default_cuda_setting())))
     packages.append(str(ROOT / "packages" / "irpe-nn") + ("[plot]" if detr else ""))
     if detr:
-        packages.append(str(ROOT / "packages" / "detr-irpe") + "[export]")
+        # The trackers are optional extras; installed here so that their tests run in CI.
+        packages.append(str(ROOT / "packages" / "detr-irpe") + "[export,mlflow,wandb]")
     session.install(*packages)
 
 
@@ -175,7 +176,7 @@ def dev(session: nox.Session) -> None:
     session.run(
         "uv", "pip", "install",
         "-e", str(ROOT / "packages" / "irpe-nn") + "[plot]",
-        "-e", str(ROOT / "packages" / "detr-irpe") + "[export]",
+        "-e", str(ROOT / "packages" / "detr-irpe") + "[export,mlflow,wandb]",
         external=True, env=env,
     )  # fmt: skip
     session.log(f"activate with: source {venv.relative_to(ROOT)}/bin/activate")

@@ -51,13 +51,32 @@ def _log(output_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def square_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 training images, all 64x64, so batches need no padding whatever their split."""
-    config = SyntheticConfig(num_train=8, num_val=2, image_size=64, min_image_size=64, seed=3)
+    """8 training images, all 64x64, so batches need no padding whatever their split; one
+    object each, so every batch has as many boxes per image (see the accumulation test)."""
+    config = SyntheticConfig(
+        num_train=8, num_val=2, image_size=64, min_image_size=64, max_objects=1, seed=3
+    )
     return generate_synthetic_coco(tmp_path_factory.mktemp("square_coco"), config)
 
 
+TORCHRUN_2 = [
+    sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    "-m", "detr_irpe.cli.train",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_run(square_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of one process training 1 epoch with batches of 4 (read-only), which the
+    two-process runs are compared with."""
+    out = tmp_path_factory.mktemp("one_process")
+    _run([sys.executable, "-m", "detr_irpe.cli.train", *_exact_run(square_coco),
+          "--batch_size", "4", "--output_dir", str(out / "run")], out)  # fmt: skip
+    return out / "run"
+
+
 def test_two_processes_agree_with_one_on_the_same_global_batch(
-    square_coco: Path, tmp_path: Path
+    square_coco: Path, one_process_run: Path, tmp_path: Path
 ) -> None:
     """torchrun with 2 ranks x 2 images == 1 process x 4 images, step for step.
 
@@ -77,19 +96,41 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(
     noise of zero may move its weight the other way: weights agree to ``2 * lr * steps``
     element-wise, and almost all of them far more closely.
     """
-    common = [
-        *MODEL, "--coco_path", str(square_coco), "--epochs", "1", "--lr", str(LR),
+    two = tmp_path / "two"
+    _run([*TORCHRUN_2, *_exact_run(square_coco), "--batch_size", "2", "--output_dir", str(two)],
+         tmp_path)  # fmt: skip
+    _assert_same_training(one_process_run, two, steps=8 // 4)
+
+
+def test_two_processes_accumulating_agree_with_one_on_the_same_global_batch(
+    square_coco: Path, one_process_run: Path, tmp_path: Path
+) -> None:
+    """torchrun with 2 ranks x 1 image x ``--grad_accum_steps 2`` == 1 process x 4 images.
+
+    As above, plus: under DDP the gradients of the first micro-batch of a group stay local
+    (``no_sync``) and the second one's backward all-reduces the sum, so each step gets the
+    mean over 4 images. DETR divides the box losses by the box count of a micro-batch, not of
+    the group, so the equality needs as many boxes per image in every micro-batch: one each.
+    """
+    two = tmp_path / "two"
+    _run([*TORCHRUN_2, *_exact_run(square_coco), "--batch_size", "1", "--grad_accum_steps", "2",
+          "--output_dir", str(two)], tmp_path)  # fmt: skip
+    _assert_same_training(one_process_run, two, steps=8 // 4)
+
+
+def _exact_run(coco: Path) -> list[str]:
+    """Flags of a run without randomness left between layouts (see the first test)."""
+    return [
+        *MODEL, "--coco_path", str(coco), "--epochs", "1", "--lr", str(LR),
         "--lr_backbone", str(LR), "--dropout", "0", "--eos_coef", "1", "--no_crop_aug",
         "--no_flip_aug", "--train_scales", "64", "--train_max_size", "64", "--val_size", "64",
         "--val_max_size", "64", "--seed", "7",
     ]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "detr_irpe.cli.train", *common, "--batch_size", "4",
-          "--output_dir", str(one)], tmp_path)  # fmt: skip
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "detr_irpe.cli.train", *common, "--batch_size", "2", "--output_dir", str(two)],
-         tmp_path)  # fmt: skip
 
+
+def _assert_same_training(one: Path, two: Path, steps: int) -> None:
+    """The single-process run ``one`` and the two-rank run ``two`` trained alike: the same
+    losses to 1e-4 relative, the same weights to ``2 * lr * steps`` (99% to 1e-6)."""
     log_one, log_two = _log(one), _log(two)
     assert len(log_one) == len(log_two) == 1
     for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"):
@@ -98,7 +139,6 @@ def test_two_processes_agree_with_one_on_the_same_global_batch(
     state_one = read_checkpoint(one / "checkpoint.pth")
     state_two = read_checkpoint(two / "checkpoint.pth")
     assert state_two["args"]["world_size"] == 2 and state_two["args"]["distributed"]
-    steps = 8 // 4
     close, total = 0, 0
     for name, tensor in state_one["model"].items():
         other = state_two["model"][name]

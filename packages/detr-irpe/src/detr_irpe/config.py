@@ -213,6 +213,22 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         "--tensorboard", action="store_true", help="also log to TensorBoard in output_dir"
     )
     new.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="./mlruns",
+        default=None,
+        metavar="URI",
+        help="also log options, metrics and per-class AP charts to MLflow: a local folder "
+        "(default ./mlruns, no server needed) or a tracking URI; needs detr-irpe[mlflow]",
+    )
+    new.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log options, metrics and per-class AP charts to Weights & Biases (project "
+        "$WANDB_PROJECT or detr-irpe; WANDB_MODE=offline keeps it on disk); needs "
+        "detr-irpe[wandb]",
+    )
+    new.add_argument(
         "--finetune",
         default="",
         help="start from this checkpoint's model weights (ours, the original's or a bare state "
@@ -451,6 +467,26 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
         args.num_workers = cpus
     if args.tensorboard and not args.output_dir:
         raise OptionError("--tensorboard needs --output_dir (the event files are written there)")
+    _check_trackers(args)
+
+
+# Tracker flag -> (the module it imports, the detr-irpe extra that installs it).
+_TRACKERS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def _check_trackers(args: argparse.Namespace) -> None:
+    """Refuse a tracker flag whose package is missing, before the run starts."""
+    import importlib.util
+
+    for flag, (module, extra) in _TRACKERS.items():
+        if not getattr(args, flag):
+            continue
+        if not args.output_dir:
+            raise OptionError(f"--{flag} needs --output_dir (the charts it logs are written there)")
+        if importlib.util.find_spec(module) is None:
+            raise OptionError(
+                f"--{flag} needs the {module} package: pip install 'detr-irpe[{extra}]'"
+            )
 
 
 def prepare_options(args: argparse.Namespace, *, needs_data: bool = True) -> argparse.Namespace:

@@ -47,11 +47,12 @@ from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
 from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
-from detr_irpe.evaluation.per_class import report_per_class
+from detr_irpe.evaluation.per_class import PER_CLASS_CHART, per_class_ap, report_per_class
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
 from detr_irpe.utils.logging import JsonLinesLog, MetricLogger, TensorBoardLog, setup_logging
+from detr_irpe.utils.trackers import Tracker, open_trackers
 
 __all__ = [
     "RunLogs",
@@ -351,7 +352,7 @@ def with_test_stats(record: dict[str, Any], test_stats: dict[str, Any]) -> dict[
 def evaluate_run(run: TrainingRun) -> tuple[dict[str, Any], Any]:
     """Validation losses and COCO metrics of the current weights (their moving average with
     ``--ema``): ``(stats, evaluator)``. The AP of each class is logged and written to
-    ``ap_per_class.json`` in the output folder."""
+    ``ap_per_class.json`` and ``ap_per_class.png`` in the output folder."""
     stats, evaluator = evaluate(
         eval_model(run), run.criterion, run.postprocessors, run.loader_val, run.base_ds, run.device,
         amp=run.args.amp, progress=run.args.progress,
@@ -432,10 +433,27 @@ def commit_epoch(
     for path in paths:
         save_checkpoint(path, checkpoint)
     logs.write(record, epoch)
+    if evaluator is not None and logs.trackers:
+        logs.write_evaluation(per_class_ap(evaluator), run.output_dir / PER_CLASS_CHART, epoch)
+        logs.write_images("predictions", _previews(run), epoch)
     if evaluator is not None:
         names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % EVAL_KEEP_EVERY == 0 else [])
         for name in names:
             save_torch(evaluator.eval, run.output_dir / "eval" / name)
+
+
+def _previews(run: TrainingRun) -> dict[str, Any]:
+    """The detections of the evaluated weights on the first validation images, drawn."""
+    from detr_irpe.data.transforms import make_transforms
+    from detr_irpe.preview import draw_previews
+
+    # The plain module, never the DDP wrapper: only rank 0 draws, and a DDP forward would wait
+    # for the other ranks.
+    model = run.ema.module if run.ema is not None else run.model_without_ddp
+    return draw_previews(
+        model, run.postprocessors["bbox"], run.loader_val.dataset,
+        make_transforms("val", run.args), run.device,
+    )  # fmt: skip
 
 
 def save_evaluation(run: TrainingRun, stats: dict[str, Any], evaluator: Any) -> None:
@@ -458,18 +476,20 @@ def _last_logged_epoch(path: Path) -> int | None:
 
 
 class RunLogs:
-    """``log.txt`` (and TensorBoard with ``--tensorboard``) of rank 0; nothing elsewhere."""
+    """``log.txt`` and the trackers (``--tensorboard``, ``--mlflow``, ``--wandb``) of rank 0;
+    nothing elsewhere."""
 
     def __init__(self, run: TrainingRun) -> None:
         self.json_log = None
-        self.tensorboard = None
+        self.trackers: list[Tracker] = []
         if run.output_dir is None:
             return
         self.json_log = JsonLinesLog(run.output_dir / "log.txt")
         if run.start is not None and run.start.resume and run.start_epoch > 0:
             self._repair(run.start_epoch - 1, run.start.state.get("log_record"))
         if run.args.tensorboard:
-            self.tensorboard = TensorBoardLog(run.output_dir / "tensorboard")
+            self.trackers.append(TensorBoardLog(run.output_dir / "tensorboard"))
+        self.trackers += open_trackers(run.args, run.output_dir)
 
     def _repair(self, last_epoch: int, record: Any) -> None:
         """Make ``log.txt`` end with the resumed checkpoint's epoch: drop what a killed run
@@ -482,12 +502,25 @@ class RunLogs:
     def write(self, record: dict[str, Any], epoch: int) -> None:
         if self.json_log is not None:
             self.json_log.write(record)
-        if self.tensorboard is not None:
-            self.tensorboard.write(record, step=epoch)
+        for tracker in self.trackers:
+            tracker.write(record, step=epoch)
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    def write_evaluation(self, table: dict[str, Any], chart: Path, epoch: int) -> None:
+        """An evaluation's per-class AP ``table`` and its ``chart`` PNG, to the trackers."""
+        if not table or not chart.is_file():  # nothing was evaluated
+            return
+        for tracker in self.trackers:
+            tracker.log_evaluation(table, chart, step=epoch)
+
+    def write_images(self, key: str, images: dict[str, Any], epoch: int) -> None:
+        """``{caption: RGB image}`` to the trackers under ``key``."""
+        for tracker in self.trackers:
+            tracker.log_images(key, images, step=epoch)
+
+    def close(self, failed: bool = False) -> None:
+        """Finish every tracker; ``failed``: the run stopped on an error."""
+        for tracker in self.trackers:
+            tracker.close(failed=failed)
 
 
 def open_logs(run: TrainingRun) -> RunLogs:

@@ -13,8 +13,9 @@ For a checkpoint without stored options, give the model options it was trained w
 Prints the 12 COCO metrics as a table on standard output and, with ``--output``, writes
 them as JSON (``metrics`` by name, ``coco_eval_bbox`` as the original's list, the
 validation ``losses``, the ``checkpoint`` path and its ``epoch``). With ``--output_dir`` it
-also writes ``eval.pth`` (COCO precision/recall arrays) and ``eval_stats.json`` there, as
-``detr-irpe-train --eval`` does.
+also writes ``eval.pth`` (COCO precision/recall arrays), ``eval_stats.json`` and the AP of
+each class (``ap_per_class.json`` and its bar chart ``ap_per_class.png``) there, as
+``detr-irpe-train --eval`` does; the per-class table is logged either way.
 """
 
 from __future__ import annotations

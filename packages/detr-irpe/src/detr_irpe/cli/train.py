@@ -16,9 +16,11 @@ JSON line per epoch with the original's keys, plus ``epoch_time``, ``train_data_
 ``train_iter_time`` in seconds); ``eval/latest.pth`` and ``eval/{epoch:03}.pth`` (every 50
 epochs) with the COCO precision/recall arrays; ``tensorboard/`` with ``--tensorboard``;
 ``checkpoint_best.pth`` with ``--save_best`` whenever the validation AP improves;
-``ap_per_class.json`` after each evaluation; ``config.yaml``, the run's options, which
-``--config`` accepts to repeat the run. An
-``--eval`` run writes ``eval.pth`` and ``eval_stats.json``.
+``ap_per_class.json`` and its bar chart ``ap_per_class.png`` after each evaluation;
+``config.yaml``, the run's options, which ``--config`` accepts to repeat the run. An
+``--eval`` run writes ``eval.pth`` and ``eval_stats.json``. ``--tensorboard``, ``--mlflow``
+and ``--wandb`` also send the options, the numbers of every epoch, the per-class AP and
+pictures of the detections to those trackers (:mod:`detr_irpe.utils.trackers`).
 
 ``--finetune CHECKPOINT`` starts a new training (epoch 0, fresh optimizer) from another
 checkpoint's weights, e.g. a released COCO model on a dataset with other classes. With
@@ -33,14 +35,19 @@ options parse, so ``--help`` and bad flags answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from detr_irpe.cli.errors import run_cli
 from detr_irpe.config import get_args_parser, parse_options
+
+if TYPE_CHECKING:
+    from detr_irpe.training import RunLogs, TrainingRun
 
 __all__ = ["build_parser", "main", "train"]
 
@@ -82,6 +89,21 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         )
     logger.info("Start training")
     start_time = time.time()
+    try:
+        _train_epochs(run, loader_train, logs)
+    except BaseException:
+        # The trackers mark the run as failed; the run's own error is the one to report.
+        with contextlib.suppress(Exception):
+            logs.close(failed=True)
+        raise
+    logs.close()
+    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+
+def _train_epochs(run: TrainingRun, loader_train: Any, logs: RunLogs) -> None:
+    """The epochs from ``run.start_epoch`` on, until ``--epochs`` or ``--early_stop``."""
+    from detr_irpe import training
+
     for epoch in range(run.start_epoch, run.args.epochs):
         record = training.train_epoch(run, loader_train, epoch)
         test_stats, evaluator = {}, None
@@ -92,8 +114,6 @@ def train(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
         training.commit_epoch(run, epoch, record, evaluator, logs)
         if stop:
             break
-    logs.close()
-    logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Per-class box AP of a COCO evaluation: ``ap_per_class.json`` and a table for the log.
+"""Per-class box AP of a COCO evaluation: ``ap_per_class.json``, its bar chart
+``ap_per_class.png`` (:mod:`~detr_irpe.evaluation.per_class_chart`) and a table for the log.
 
 Read from pycocotools' ``eval["precision"]`` array of shape ``(T, R, K, A, M)``: T IoU
 thresholds (0.50:0.05:0.95), R recall points, K categories, A area ranges (index 0: all),
@@ -15,8 +16,15 @@ from typing import Any
 import numpy as np
 
 from detr_irpe.atomic import write_json
+from detr_irpe.evaluation.per_class_chart import PER_CLASS_CHART, save_per_class_chart
 
-__all__ = ["PER_CLASS_FILE", "format_per_class", "per_class_ap", "report_per_class"]
+__all__ = [
+    "PER_CLASS_CHART",
+    "PER_CLASS_FILE",
+    "format_per_class",
+    "per_class_ap",
+    "report_per_class",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +80,12 @@ def format_per_class(table: dict[str, dict[str, float | int]]) -> str:
 
 def report_per_class(evaluator: Any, output_dir: str | os.PathLike[str] | None) -> dict:
     """Log the per-class table of ``evaluator`` and, with ``output_dir``, write it there as
-    ``ap_per_class.json``; returns the table."""
+    ``ap_per_class.json`` and its chart ``ap_per_class.png``; returns the table."""
     table = per_class_ap(evaluator)
     if not table:
         return table
     logger.info("AP per class:\n%s", format_per_class(table))
     if output_dir:
         write_json(os.path.join(os.fspath(output_dir), PER_CLASS_FILE), table)
+        save_per_class_chart(table, os.path.join(os.fspath(output_dir), PER_CLASS_CHART))
     return table

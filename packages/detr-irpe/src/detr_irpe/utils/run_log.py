@@ -3,7 +3,9 @@
 * :class:`JsonLinesLog` appends one JSON object per epoch to ``log.txt`` with the original
   DETR's keys (``train_<k>``, ``test_<k>``, ``test_coco_eval_bbox``, ``epoch``,
   ``n_parameters``), so existing plotting scripts keep working.
-* :class:`TensorBoardLog` writes the same scalars when ``tensorboard`` is installed.
+* :class:`TensorBoardLog` writes the same scalars when ``tensorboard`` is installed, and
+  after each evaluation the per-class AP and its chart; it is one of the
+  :class:`~detr_irpe.utils.trackers.Tracker` classes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from detr_irpe.atomic import write_text
+from detr_irpe.utils.trackers import Tracker
 
 __all__ = ["JsonLinesLog", "TensorBoardLog", "to_jsonable"]
 
@@ -76,7 +79,7 @@ class JsonLinesLog:
             os.fsync(f.fileno())
 
 
-class TensorBoardLog:
+class TensorBoardLog(Tracker):
     """Scalars of every epoch for TensorBoard (``torch.utils.tensorboard.SummaryWriter``).
 
     Raises:
@@ -109,5 +112,26 @@ class TensorBoardLog:
                 self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
-    def close(self) -> None:
+    def log_evaluation(
+        self, table: Mapping[str, Mapping[str, float | int]], chart: Path, step: int
+    ) -> None:
+        """The per-class AP as ``AP_per_class/<class>`` scalars and the chart as an image."""
+        import numpy as np
+        from PIL import Image
+
+        super().log_evaluation(table, chart, step)
+        with Image.open(chart) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        self._writer.add_image("ap_per_class", pixels, step, dataformats="HWC")
+        self._writer.flush()
+
+    def log_images(self, key: str, images: Mapping[str, Any], step: int) -> None:
+        """Each RGB image as ``<key>/<caption>``."""
+        import numpy as np
+
+        for caption, image in images.items():
+            self._writer.add_image(f"{key}/{caption}", np.asarray(image), step, dataformats="HWC")
+        self._writer.flush()
+
+    def close(self, failed: bool = False) -> None:
         self._writer.close()
