@@ -4,8 +4,8 @@ Run ``nox -l`` for the list. The two commands of the README:
 
 * ``nox -s demo``  — train and evaluate a small DETR-iRPE on the built-in synthetic dataset;
 * ``nox -t ci``    — everything CI runs: lint, the release wheels and their index (the CUDA
-  wheel's device code is checked), installs by name from that index, each package's tests, the irpe-ops torch/CUDA matrix, the cross-package tests, docs, the
-  short demo.
+  wheel's device code is checked), installs by name from that index, each package's tests,
+  the irpe-ops torch/CUDA matrix, the cross-package tests, docs, the short demo.
 
 Sessions use uv virtual environments. uv links packages out of one shared cache, so the 5.5 GB
 CUDA build of torch is unpacked once per machine instead of once per session (pip takes

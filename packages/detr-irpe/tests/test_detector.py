@@ -97,3 +97,43 @@ def test_coco_results_json(detector: Detector, photo: Path, tmp_path: Path) -> N
 def test_bad_inputs_are_named(detector: Detector, bad: object, message: str) -> None:
     with pytest.raises((ValueError, TypeError, OSError), match=message):
         detector(bad)
+
+
+def test_a_threshold_per_call_replaces_the_detectors(detector: Detector, photo: Path) -> None:
+    every = detector(photo)
+    cut = float(every.scores[1])  # keeps the two best (and any tie with the second)
+    kept = detector(photo, threshold=cut)
+    assert len(kept) >= 2 and torch.all(kept.scores >= cut)
+    assert torch.equal(kept.boxes, every.boxes[: len(kept)])
+    assert detector.threshold == 0.0
+    with pytest.raises(ValueError, match="threshold must lie in \\[0, 1\\], got 2"):
+        detector(photo, threshold=2)
+
+
+def test_a_normalised_batch_gives_what_the_images_give(detector: Detector, photo: Path) -> None:
+    """forward + detections, as evaluation runs them on its data loader's batches."""
+    from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
+
+    image = Image.open(photo).convert("RGB")
+    samples = nested_tensor_from_tensor_list([detector.transform(image, None)[0]])
+    outputs = detector.forward(samples)
+    assert outputs["pred_logits"].shape[:2] == (1, 5)
+    (found,) = detector.detections(outputs, torch.tensor([[image.height, image.width]]))
+    expected = detector(image)
+    assert torch.equal(found.boxes, expected.boxes) and found.names == expected.names
+
+
+def test_options_given_win_over_the_checkpoints(one_epoch_run: Path, photo: Path) -> None:
+    small = Detector.from_checkpoint(
+        one_epoch_run / "checkpoint.pth", "cpu", overrides={"val_size": 48, "val_max_size": 64}
+    )
+    assert small.args.val_size == 48
+    image = Image.open(photo).convert("RGB")
+    assert max(small.transform(image, None)[0].shape[1:]) <= 64
+
+
+def test_a_model_without_a_transform_says_how_to_run_it(detector: Detector, photo: Path) -> None:
+    bare = Detector(detector.model, detector.postprocess)
+    assert bare.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no transform: run forward"):
+        bare(photo)

@@ -98,6 +98,60 @@ def test_original_checkpoint_exports(one_epoch_run: Path, tmp_path: Path) -> Non
     _assert_equal_to_eager(path, _eager(checkpoint))
 
 
+@pytest.fixture(scope="module")
+def irpe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DETR with iRPE (``rpe-2.0-product-ctx-1-k``), untrained weights."""
+    from conftest import TINY_ARGV
+
+    from detr_irpe import config
+    from detr_irpe.models import build_model
+
+    args = config.default_args([*TINY_ARGV, "--num_classes", "5"])
+    torch.manual_seed(0)
+    model = build_model(args)[0]
+    path = tmp_path_factory.mktemp("irpe") / "irpe.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "epoch": 0, "args": args})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_postprocess_export_gives_the_post_processors_detections(
+    fmt: str, irpe_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / f"detections.{fmt}"
+    argv = [str(irpe_checkpoint), "--format", fmt, "--output", str(output), "--postprocess"]
+    assert export_main(argv) == 0 and str(output) in capsys.readouterr().out
+    loaded = model_from_checkpoint(irpe_checkpoint, {"device": "cpu"})
+    eager, postprocess = ExportableDETR(loaded.model).eval(), loaded.postprocessors["bbox"]
+    generator = torch.Generator().manual_seed(2)
+    for n, h, w in SHAPES[1:]:
+        images = torch.randn(n, 3, h, w, generator=generator)
+        orig_sizes = torch.tensor([[480, 640], [h, w]])[:n]
+        with torch.no_grad():
+            logits, boxes = eager(images)
+        expected = postprocess({"pred_logits": logits, "pred_boxes": boxes}, orig_sizes)
+        got_boxes, got_scores, got_labels = run_exported(output, images, orig_sizes)
+        assert got_boxes.shape == (n, 5, 4) and got_labels.dtype == torch.int64
+        for i, result in enumerate(expected):
+            assert torch.equal(got_labels[i], result["labels"])
+            torch.testing.assert_close(got_scores[i], result["scores"], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(got_boxes[i], result["boxes"], atol=0.1, rtol=RTOL)
+    assert float(got_boxes[0, :, 2].max()) > w, "boxes scaled to orig_sizes, not the input"
+    if fmt == "onnx":
+        _assert_onnx_names(output)
+
+
+def _assert_onnx_names(path: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["images", "orig_sizes"]
+    assert [o.name for o in graph.output] == ["boxes", "scores", "labels"]
+    with pytest.raises(ValueError, match="takes images, orig_sizes; got 1 input"):
+        run_exported(path, torch.zeros(1, 3, 64, 64))
+
+
 def _one_line_error(
     argv: list[str], capsys: pytest.CaptureFixture, main: Callable[..., int] = export_main
 ) -> tuple[int, str]:

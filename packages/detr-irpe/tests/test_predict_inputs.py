@@ -127,12 +127,12 @@ def test_predict_unreadable_image_is_one_line(model_and_checkpoint, tmp_path, ca
 
 def run_detection(model_and_checkpoint, paths: list[Path], batch_size: int):
     from detr_irpe.data.transforms import make_transforms
+    from detr_irpe.detector import Detector
 
     model, postprocessors, args, _ = model_and_checkpoint
     transform = make_transforms("val", args)
-    detections = detect_in_batches(
-        model, postprocessors["bbox"], transform, paths, batch_size, torch.device("cpu")
-    )
+    detector = Detector(model, postprocessors["bbox"], transform, {}, "cpu", 0.0, batch_size)
+    detections = detect_in_batches(detector, paths)
     return {index: result for index, _, result in detections}
 
 
@@ -147,9 +147,9 @@ def test_batches_give_the_detections_of_one_image_at_a_time(model_and_checkpoint
     assert sorted(single) == sorted(batched) == list(range(len(paths)))
     for index in range(len(paths)):
         one, many = single[index], batched[index]
-        assert torch.equal(one["labels"], many["labels"]), paths[index]
-        torch.testing.assert_close(one["scores"], many["scores"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(one["boxes"], many["boxes"], atol=1e-3, rtol=0)
+        assert torch.equal(one.labels, many.labels), paths[index]
+        torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(one.boxes, many.boxes, atol=1e-3, rtol=0)
 
 
 def test_same_size_images_share_a_batch(model_and_checkpoint, photos, monkeypatch):

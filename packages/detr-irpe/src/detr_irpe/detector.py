@@ -32,6 +32,7 @@ from torch import Tensor
 from detr_irpe.atomic import write_text
 from detr_irpe.data.coco_names import COCO_CATEGORY_NAMES
 from detr_irpe.data.images import load_rgb, to_rgb
+from detr_irpe.nested_tensor import NestedTensor
 
 __all__ = ["Detections", "Detector", "write_coco_results"]
 
@@ -128,27 +129,43 @@ class Detector:
     (paths, PIL images, ``(H, W, 3)`` uint8 arrays, ``(3, H, W)`` float tensors in
     ``[0, 1]``) and returns one :class:`Detections` per image. ``detector.model`` is the
     ``nn.Module``.
+
+    The steps are public for callers that bring their own batches (``detr-irpe-eval`` and
+    the evaluation during training, whose data loader already resized and normalised the
+    images): :meth:`forward` runs the model on a normalised batch, ``postprocess`` turns its
+    outputs into every query's score, label and box, :meth:`detections` adds the threshold,
+    the order and the class names.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         postprocess: torch.nn.Module,
-        transform: Any,
-        class_names: Mapping[int, str],
-        device: torch.device,
+        transform: Any = None,
+        class_names: Mapping[int, str] | None = None,
+        device: torch.device | str | None = None,
         threshold: float = 0.5,
         batch_size: int = 4,
+        *,
+        amp: str = "off",
+        args: Any = None,
     ) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        from detr_irpe.engine import autocast_dtype
+
+        _check_threshold(threshold)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model.eval()
         self.postprocess = postprocess
         self.transform = transform
-        self.class_names = dict(class_names)
-        self.device = device
+        self.class_names = dict(class_names or {})
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        autocast_dtype(amp, self.device)  # refuses an unknown mode, or fp16 off CUDA, now
         self.threshold = threshold
         self.batch_size = batch_size
+        self.amp = amp
+        self.args = args
+        """The options the model was built from (``from_checkpoint``), else ``None``."""
 
     @classmethod
     def from_checkpoint(
@@ -157,54 +174,116 @@ class Detector:
         device: str | torch.device | None = None,
         threshold: float = 0.5,
         batch_size: int = 4,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        base: Any = None,
     ) -> Detector:
         """The detector a checkpoint holds (ours or the original's), on ``device`` (default:
-        CUDA when available, else CPU)."""
+        CUDA when available, else CPU).
+
+        ``overrides`` are options that win over the checkpoint's and ``base`` the other
+        options, as :func:`detr_irpe.checkpoint.model_from_checkpoint` takes them.
+        """
         from detr_irpe.checkpoint import model_from_checkpoint
+
+        overrides = dict(overrides or {})
+        if device is not None:
+            overrides["device"] = str(device)
+        loaded = model_from_checkpoint(path, overrides, base=base)
+        return cls.from_loaded(loaded, threshold=threshold, batch_size=batch_size)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: Any,
+        threshold: float = 0.5,
+        batch_size: int = 4,
+        class_names: Mapping[int, str] | None = None,
+    ) -> Detector:
+        """The detector of a :class:`~detr_irpe.checkpoint.CheckpointModel` (what
+        ``model_from_checkpoint`` returns; ``detr-irpe-eval`` also needs its criterion).
+
+        ``class_names`` replace the checkpoint's (its stored names, else the COCO names for a
+        91-class head, else none: the ids are shown)."""
         from detr_irpe.data.transforms import make_transforms
 
-        overrides = {} if device is None else {"device": str(device)}
-        loaded = model_from_checkpoint(path, overrides)
-        names = _class_names(loaded.checkpoint, int(loaded.args.num_classes or 0))
+        args = loaded.args
+        names = class_names or _class_names(loaded.checkpoint, int(args.num_classes or 0))
         return cls(
-            loaded.model, loaded.postprocessors["bbox"], make_transforms("val", loaded.args),
-            names, torch.device(loaded.args.device), threshold, batch_size,
+            loaded.model, loaded.postprocessors["bbox"], make_transforms("val", args), names,
+            torch.device(args.device), threshold, batch_size, amp=args.amp, args=args,
         )  # fmt: skip
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Any:
-        """:class:`Detections` for one image, or a list of them for a list of images."""
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None
+    ) -> Any:
+        """:class:`Detections` for one image, or a list of them for a list of images.
+
+        ``threshold`` replaces the detector's for this call."""
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
         pil = [_as_pil(image, i) for i, image in enumerate(batch)]
-        results = self._detect(pil)
+        results = self.detect_images(pil, threshold)
         return results[0] if single else results
 
     @torch.no_grad()
-    def _detect(self, images: list[Image.Image]) -> list[Detections]:
-        from detr_irpe.nested_tensor import nested_tensor_from_tensor_list
+    def forward(self, samples: NestedTensor) -> dict[str, Any]:
+        """The model's raw outputs for a normalised batch (moved to the detector's device,
+        under autocast when ``amp`` is on): ``pred_logits (N, Q, C+1)``, ``pred_boxes
+        (N, Q, 4)`` normalised cxcywh (and ``aux_outputs``)."""
+        from detr_irpe.engine import autocast
 
+        with autocast(self.device, self.amp):
+            return self.model(samples.to(self.device))
+
+    def detections(
+        self,
+        outputs: Mapping[str, Any],
+        image_sizes: Tensor,
+        threshold: float | None = None,
+    ) -> list[Detections]:
+        """Per image of a batch, the detections scoring at least ``threshold`` (default: the
+        detector's), best first, in the pixels of ``image_sizes (N, 2)`` ``(height, width)``."""
+        threshold = self.threshold if threshold is None else _check_threshold(threshold)
+        found = self.postprocess(outputs, image_sizes.to(self.device))
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        return [self._keep(raw, size, threshold) for raw, size in zip(found, sizes, strict=True)]
+
+    def detect_images(
+        self, images: Sequence[Image.Image], threshold: float | None = None
+    ) -> list[Detections]:
+        """:class:`Detections` for RGB PIL images, up to ``batch_size`` per forward pass."""
+        from detr_irpe import nested_tensor
+
+        if self.transform is None:
+            raise ValueError("this detector has no transform: run forward() on normalised batches")
         results: list[Detections | None] = [None] * len(images)
+        for chunk in self._same_size_chunks(images):
+            tensors = [self.transform(images[i], None)[0] for i in chunk]
+            sizes = torch.tensor([[images[i].height, images[i].width] for i in chunk])
+            outputs = self.forward(nested_tensor.nested_tensor_from_tensor_list(tensors))
+            for i, found in zip(chunk, self.detections(outputs, sizes, threshold), strict=True):
+                results[i] = found
+        return [r for r in results if r is not None]
+
+    def _same_size_chunks(self, images: Sequence[Image.Image]) -> list[list[int]]:
         # Only images of one size share a forward pass: padding changes DETR's output for an
         # image, and an image's detections must not depend on the others given with it.
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault(image.size, []).append(index)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                tensors = [self.transform(images[i], None)[0] for i in chunk]
-                samples = nested_tensor_from_tensor_list(tensors).to(self.device)
-                sizes = torch.tensor([[images[i].height, images[i].width] for i in chunk])
-                outputs = self.model(samples)
-                found = self.postprocess(outputs, sizes.to(self.device))
-                for i, raw in zip(chunk, found, strict=True):
-                    results[i] = self._keep(raw, (images[i].height, images[i].width))
-        return [r for r in results if r is not None]
+        return [
+            indices[start : start + self.batch_size]
+            for indices in groups.values()
+            for start in range(0, len(indices), self.batch_size)
+        ]
 
-    def _keep(self, raw: Mapping[str, Tensor], size: tuple[int, int]) -> Detections:
+    def _keep(
+        self, raw: Mapping[str, Tensor], size: tuple[int, int], threshold: float
+    ) -> Detections:
         scores = raw["scores"].float().cpu()
         order = torch.argsort(scores, descending=True)
-        order = order[scores[order] >= self.threshold]
+        order = order[scores[order] >= threshold]
         labels = raw["labels"].cpu()[order]
         return Detections(
             boxes=raw["boxes"].float().cpu()[order],
@@ -213,3 +292,14 @@ class Detector:
             names=[self.class_names.get(int(label), str(int(label))) for label in labels],
             image_size=size,
         )
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    return threshold
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

@@ -30,8 +30,10 @@ from detr_irpe.utils.logging import MetricLogger, SmoothedValue
 __all__ = [
     "AMP_MODES",
     "NonFiniteLossError",
+    "autocast",
     "autocast_dtype",
     "evaluate",
+    "evaluate_detector",
     "make_grad_scaler",
     "train_one_epoch",
 ]
@@ -107,7 +109,8 @@ def make_grad_scaler(amp: str, device: torch.device | str) -> torch.amp.GradScal
     return None
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for an ``--amp`` mode on ``device`` (nothing for ``"off"``)."""
     dtype = autocast_dtype(amp, device)
     if dtype is None:
         return contextlib.nullcontext()
@@ -221,7 +224,7 @@ def _forward(
         NonFiniteLossError: the total loss, averaged over ranks, is not finite.
     """
     weight_dict = criterion.weight_dict
-    with _autocast(device, amp):
+    with autocast(device, amp):
         outputs = model(samples)
     loss_dict = _compute_losses(criterion, outputs, targets, *where)
     losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -325,7 +328,6 @@ def train_one_epoch(
     return metrics.global_averages()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     criterion: nn.Module,
@@ -339,14 +341,51 @@ def evaluate(
     progress: bool = True,
     metric_logger: MetricLogger | None = None,
 ) -> tuple[dict[str, Any], CocoEvaluator | None]:
-    """Validation losses and COCO box metrics of ``model`` over ``data_loader``.
+    """Validation losses and COCO box metrics of ``model`` over ``data_loader``:
+    :func:`evaluate_detector` of the :class:`~detr_irpe.detector.Detector` made of ``model``
+    and ``postprocessors['bbox']``.
 
     Args:
         postprocessors: ``{'bbox': PostProcess}``; ``PostProcess(outputs, orig_sizes (N, 2))``
             gives per-image ``scores``, ``labels``, ``boxes`` (absolute xyxy).
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` (see the module docstring).
+        Other arguments as :func:`evaluate_detector`.
+    """
+    from detr_irpe.detector import Detector
+
+    detector = Detector(model, postprocessors["bbox"], device=device, amp=amp)
+    return evaluate_detector(
+        detector, criterion, data_loader, base_ds,
+        print_freq=print_freq, progress=progress, metric_logger=metric_logger,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_detector(
+    detector: Any,
+    criterion: nn.Module,
+    data_loader: Iterable[Batch],
+    base_ds: Any,
+    *,
+    print_freq: int = 10,
+    progress: bool = True,
+    metric_logger: MetricLogger | None = None,
+) -> tuple[dict[str, Any], CocoEvaluator | None]:
+    """Validation losses and COCO box metrics of a :class:`~detr_irpe.detector.Detector`.
+
+    The batches are already resized and normalised (the validation transform of the data
+    set); the detector runs its model on them (:meth:`~detr_irpe.detector.Detector.forward`)
+    and its post-processing gives every query of every image to the COCO evaluator (no
+    threshold: the COCO metrics rank all of them).
+
+    Args:
+        detector: runs on its ``device`` with its ``amp`` mode.
+        criterion: ``criterion(outputs, targets) -> dict`` of losses, with ``weight_dict``.
+        data_loader: iterable of ``(samples, targets)``; targets hold ``orig_size`` and
+            ``image_id`` when ``base_ds`` is given.
         base_ds: the ground truth as a pycocotools ``COCO`` object; None skips the COCO
             metrics (losses only).
-        Other arguments as :func:`train_one_epoch`.
+        print_freq, progress, metric_logger: as :func:`train_one_epoch`.
 
     Returns:
         ``(stats, evaluator)``: ``stats`` holds the averaged loss values (the training keys
@@ -354,9 +393,7 @@ def evaluate(
         APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl). The evaluator's ``eval`` is what the
         original saves as ``eval.pth``.
     """
-    device = torch.device(device)
-    autocast_dtype(amp, device)
-    model.eval()
+    detector.model.eval()
     criterion.eval()
     metrics = metric_logger if metric_logger is not None else MetricLogger()
     metrics.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
@@ -364,16 +401,14 @@ def evaluate(
     weight_dict = criterion.weight_dict
 
     for samples, targets in metrics.log_every(data_loader, print_freq, "Test:", progress=progress):
-        samples = samples.to(device)
-        targets = _targets_to(targets, device)
-        with _autocast(device, amp):
-            outputs = model(samples)
+        targets = _targets_to(targets, detector.device)
+        outputs = detector.forward(samples)
         loss_dict = criterion(outputs, targets)
         metrics.update(**_log_values(loss_dict, weight_dict))
 
         if evaluator is not None:
             orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
-            results = postprocessors["bbox"](outputs, orig_sizes)
+            results = detector.postprocess(outputs, orig_sizes)
             evaluator.update(
                 {int(t["image_id"].item()): r for t, r in zip(targets, results, strict=True)}
             )

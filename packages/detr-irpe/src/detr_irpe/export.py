@@ -4,6 +4,12 @@ The exported graph takes ``images (N, 3, H, W)`` float32, normalised as in train
 mean and std), all of one size (no padding mask), with ``N``, ``H`` and ``W`` dynamic, and
 returns ``pred_logits (N, Q, num_classes + 1)`` and ``pred_boxes (N, Q, 4)``.
 
+With ``postprocess=True`` it also takes ``orig_sizes (N, 2)`` int64 ``(height, width)`` and
+returns what the model's post-processing (:func:`detr_irpe.models.postprocess.decode_detections`)
+computes instead: ``boxes (N, Q, 4)`` float32 ``[x0, y0, x1, y1]`` in the pixels of
+``orig_sizes``, ``scores (N, Q)`` float32 and ``labels (N, Q)`` int64 (the best real class of
+the softmax; no threshold, no sorting).
+
 While exporting, the iRPE layers use their PyTorch formulation (``IRPE_BACKEND=torch``,
 ``IRPE_FUSED=0``: gather and scatter-add instead of the ``irpe_ops`` operators and the fused
 kernel) and compute their bucket ids inside the graph from the feature-map size
@@ -31,6 +37,7 @@ __all__ = [
     "FORMATS",
     "ExportMismatchError",
     "ExportableDETR",
+    "ExportableDetections",
     "export_mode",
     "export_model",
     "run_exported",
@@ -38,6 +45,7 @@ __all__ = [
 
 FORMATS = ("onnx", "pt2")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+POSTPROCESSED_NAMES = ("boxes", "scores", "labels")
 ATOL, RTOL = 1e-4, 1e-3
 MIN_SIDE, MAX_SIDE = 33, 4096
 """Image sides the exported graph accepts (feature maps of at least 2x2 at stride 32)."""
@@ -74,6 +82,22 @@ class ExportableDETR(nn.Module):
         return out["pred_logits"], out["pred_boxes"]
 
 
+class ExportableDetections(nn.Module):
+    """``(images (N, 3, H, W), orig_sizes (N, 2))`` -> ``(boxes (N, Q, 4), scores (N, Q),
+    labels (N, Q))``: :class:`ExportableDETR` followed by the model's post-processing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.detr = ExportableDETR(model)
+
+    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        from detr_irpe.models.postprocess import decode_detections
+
+        logits, boxes = self.detr(images)
+        scores, labels, boxes = decode_detections(logits, boxes, orig_sizes)
+        return boxes, scores, labels
+
+
 @contextlib.contextmanager
 def export_mode() -> Iterator[None]:
     """The iRPE layers' PyTorch formulation (no ``irpe_ops`` operator, no fused kernel)."""
@@ -98,84 +122,119 @@ def _require_onnx() -> None:
         raise ImportError(MISSING_EXTRA) from None
 
 
-def _dynamic_shapes() -> dict[str, Any]:
+def _dynamic_shapes(postprocess: bool) -> dict[str, Any]:
     dim = torch.export.Dim
     # Sizes 1 are specialised by the tracer: examples have a batch of 2 and feature maps of
     # at least 2x2 (images of at least MIN_SIDE pixels).
     side = {"min": MIN_SIDE, "max": MAX_SIDE}
-    return {
-        "images": {
-            0: dim("batch", min=1, max=1024),
-            2: dim("height", **side),
-            3: dim("width", **side),
-        }
+    batch = dim("batch", min=1, max=1024)
+    shapes: dict[str, Any] = {
+        "images": {0: batch, 2: dim("height", **side), 3: dim("width", **side)}
     }
+    if postprocess:
+        shapes["orig_sizes"] = {0: batch}
+    return shapes
 
 
-def _export_program(wrapper: ExportableDETR, example: Tensor) -> Any:
+def _example_inputs(size: tuple[int, int], postprocess: bool) -> tuple[Tensor, ...]:
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    if not postprocess:
+        return (images,)
+    return images, torch.tensor([[size[0] * 3, size[1] * 3], [size[0], size[1]]])
+
+
+def _export_program(wrapper: nn.Module, example: tuple[Tensor, ...]) -> Any:
+    postprocess = isinstance(wrapper, ExportableDetections)
     with export_mode(), torch.no_grad():
         return torch.export.export(
-            wrapper, (example,), dynamic_shapes=_dynamic_shapes(), strict=False
+            wrapper, example, dynamic_shapes=_dynamic_shapes(postprocess), strict=False
         )
 
 
-def _save(program: Any, fmt: str, output: Path, opset: int | None) -> None:
+def _save(program: Any, fmt: str, output: Path, opset: int | None, postprocess: bool) -> None:
     if fmt == "pt2":
         torch.export.save(program, output)
         return
     _require_onnx()
+    inputs, outputs = (
+        (["images", "orig_sizes"], POSTPROCESSED_NAMES)
+        if postprocess
+        else (["images"], OUTPUT_NAMES)
+    )
     with export_mode(), torch.no_grad():
         onnx_program = torch.onnx.export(
-            program,
-            input_names=["images"],
-            output_names=list(OUTPUT_NAMES),
-            opset_version=opset,
+            program, input_names=inputs, output_names=list(outputs), opset_version=opset,
             dynamo=True,
-        )
+        )  # fmt: skip
     onnx_program.save(str(output))
 
 
-def run_exported(path: str | os.PathLike[str], images: Tensor) -> tuple[Tensor, Tensor]:
-    """Run an exported file (``.onnx`` through ONNX Runtime, else ``torch.export.load``)."""
+def run_exported(path: str | os.PathLike[str], *inputs: Tensor) -> tuple[Tensor, ...]:
+    """Run an exported file (``.onnx`` through ONNX Runtime, else ``torch.export.load``) on
+    ``images`` (and ``orig_sizes`` for a ``postprocess`` export); its outputs in order."""
     path = Path(path)
     if path.suffix == ".onnx":
         _require_onnx()
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outputs = session.run(list(OUTPUT_NAMES), {"images": images.cpu().numpy()})
-        return tuple(torch.from_numpy(o) for o in outputs)  # type: ignore[return-value]
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ValueError(f"{path} takes {', '.join(names)}; got {len(inputs)} input(s)")
+        feed = {name: x.cpu().numpy() for name, x in zip(names, inputs, strict=True)}
+        return tuple(torch.from_numpy(o) for o in session.run(None, feed))
     module = torch.export.load(str(path)).module()
     with torch.no_grad():
-        return tuple(module(images))  # type: ignore[return-value]
+        return tuple(module(*inputs))
 
 
 def _check_sizes(model_height: int, model_width: int) -> list[tuple[int, int, int]]:
     return [(1, model_height, model_width), (2, model_height + 32, model_width - 32)]
 
 
-def verify_export(
-    wrapper: ExportableDETR, path: Path, shapes: Sequence[tuple[int, int, int]]
-) -> float:
+def _check_inputs(
+    n: int, h: int, w: int, postprocess: bool, generator: torch.Generator
+) -> tuple[Tensor, ...]:
+    images = torch.randn(n, 3, h, w, generator=generator)
+    if not postprocess:
+        return (images,)
+    # Original sizes unlike the input's, so that a box scaled by the wrong side shows.
+    return images, torch.randint(MIN_SIDE, 2 * MAX_SIDE, (n, 2), generator=generator)
+
+
+def _agree(expected: Tensor, got: Tensor, scale: float) -> bool:
+    if expected.shape != got.shape or expected.dtype != got.dtype:
+        return False
+    if not expected.is_floating_point():  # labels: the same class for every query
+        return torch.equal(expected, got)
+    return torch.allclose(got, expected, atol=ATOL * scale, rtol=RTOL)
+
+
+def verify_export(wrapper: nn.Module, path: Path, shapes: Sequence[tuple[int, int, int]]) -> float:
     """Largest absolute difference between ``path`` and eager PyTorch on ``(N, H, W)``
-    random inputs; raises :class:`ExportMismatchError` beyond ``atol``/``rtol``."""
+    random inputs; raises :class:`ExportMismatchError` beyond ``atol``/``rtol``.
+
+    Boxes in pixels (``postprocess``) get ``atol`` times the image side, their scale."""
+    postprocess = isinstance(wrapper, ExportableDetections)
+    names = POSTPROCESSED_NAMES if postprocess else OUTPUT_NAMES
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
     for n, h, w in shapes:
-        images = torch.randn(n, 3, h, w, generator=generator)
+        inputs = _check_inputs(n, h, w, postprocess, generator)
         with torch.no_grad():
-            expected = wrapper(images)
-        got = run_exported(path, images)
-        for name, e, g in zip(OUTPUT_NAMES, expected, got, strict=True):
+            expected = wrapper(*inputs)
+        got = run_exported(path, *inputs)
+        for name, e, g in zip(names, expected, got, strict=True):
             e = e.cpu()
-            if e.shape != g.shape or not torch.allclose(g, e, atol=ATOL, rtol=RTOL):
-                diff = (g - e).abs().max().item() if e.shape == g.shape else float("inf")
+            scale = float(inputs[1].max()) if name == "boxes" else 1.0
+            diff = (g.double() - e.double()).abs().max().item() if e.shape == g.shape else 0.0
+            if not _agree(e, g, scale):
                 raise ExportMismatchError(
                     f"{path}: {name} of the exported model differs from PyTorch's on a "
                     f"{n}x3x{h}x{w} input (max abs diff {diff:.3g}, shapes {tuple(g.shape)} "
-                    f"vs {tuple(e.shape)})"
+                    f"vs {tuple(e.shape)}, dtypes {g.dtype} vs {e.dtype})"
                 )
-            worst = max(worst, (g - e).abs().max().item())
+            worst = max(worst, diff / scale)
     return worst
 
 
@@ -187,6 +246,7 @@ def export_model(
     *,
     size: tuple[int, int] = (96, 128),
     overrides: Mapping[str, Any] | None = None,
+    postprocess: bool = False,
 ) -> Path:
     """Export a checkpoint's detector (or a DETR module) and check the result.
 
@@ -199,6 +259,8 @@ def export_model(
         opset: ONNX opset (default: the exporter's).
         size: ``(H, W)`` of the example input traced (any size runs afterwards).
         overrides: options over the checkpoint's (``{"device": "cpu"}`` is always applied).
+        postprocess: also take ``orig_sizes`` and return ``boxes``, ``scores``, ``labels``
+            (see the module docstring) instead of the raw outputs.
 
     Returns:
         The written file.
@@ -218,10 +280,9 @@ def export_model(
         output = Path(checkpoint).with_suffix(f".{format}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportableDETR(model).eval()
-    example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
-    program = _export_program(wrapper, example)
-    _save(program, format, output, opset)
+    wrapper = (ExportableDetections(model) if postprocess else ExportableDETR(model)).eval()
+    program = _export_program(wrapper, _example_inputs(size, postprocess))
+    _save(program, format, output, opset, postprocess)
     worst = verify_export(wrapper, output, _check_sizes(*size))
     logger.info("%s: equal to PyTorch on two sizes (max abs diff %.2g)", output, worst)
     return output

@@ -13,6 +13,7 @@ from torch import nn
 
 from .functional import attention, attention_with_weights
 from .rpe import build_rpe
+from .sizes import is_size, is_traced_size
 
 __all__ = ["RPEMultiheadAttention"]
 
@@ -195,14 +196,20 @@ class RPEMultiheadAttention(nn.Module):
                 "RPEMultiheadAttention: this layer has iRPE, so forward needs the token grid: "
                 "pass hw=(height, width) with L = skip + height*width"
             )
-        if (
-            not isinstance(hw, (tuple, list, torch.Size))
-            or len(hw) != 2
-            or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in hw)
-        ):
+        if not isinstance(hw, (tuple, list, torch.Size)) or len(hw) != 2:
             raise ValueError(
                 f"RPEMultiheadAttention: hw must be a pair of ints (height, width), got {hw!r}"
             )
+        if not all(is_size(s) for s in hw):
+            raise ValueError(
+                "RPEMultiheadAttention: hw must be a pair of ints (height, width) (or the "
+                f"0-d integer tensors a tracer records for them), got {hw!r}"
+            )
+        if any(is_traced_size(s) for s in hw):
+            # Sizes recorded by the legacy tracer (torch.jit.trace, torch.onnx.export with
+            # dynamo=False): checking their values here would bake this input's grid into
+            # the trace; the graph computes the bucket ids from them instead.
+            return hw[0], hw[1]
         if hw[0] < 1 or hw[1] < 1:
             raise ValueError(f"RPEMultiheadAttention: hw must be positive, got {tuple(hw)}")
         if key.shape[0] != query.shape[0]:

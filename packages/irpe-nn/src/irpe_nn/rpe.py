@@ -13,6 +13,7 @@ from .backend import backend, bucket_sum, index_dtype, rpe_index
 from .bucket_cache import bucket_ids
 from .buckets import METHOD, num_base_buckets
 from .config import MODES, SingleRPEConfig, parse_rpe_spec
+from .sizes import is_traced_size
 
 __all__ = ["build_rpe", "iRPE", "iRPE_Cross"]
 
@@ -123,10 +124,14 @@ class iRPE(nn.Module):
             raise ValueError(
                 f"iRPE: give both height and width (got height={height}, width={width})"
             )
-        skip = length - height * width
         has_skip_bucket = (
             self.num_buckets == num_base_buckets(self.method, self.rpe_config.beta) + 1
         )
+        if is_traced_size(height) or is_traced_size(width):
+            # The legacy tracer's sizes: checks would bake this input's grid into the trace.
+            # The skip count is fixed by the model (0 without a skip bucket).
+            return height, width, int(length - height * width) if has_skip_bucket else 0
+        skip = length - height * width
         # Branch on the Python bool first: comparing a symbolic (skip > 0) with a bool breaks
         # torch.compile(dynamic=True).
         bad_skip = (skip == 0) if has_skip_bucket else (skip != 0)

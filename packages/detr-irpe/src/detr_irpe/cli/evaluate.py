@@ -16,6 +16,10 @@ validation ``losses``, the ``checkpoint`` path and its ``epoch``). With ``--outp
 also writes ``eval.pth`` (COCO precision/recall arrays), ``eval_stats.json`` and the AP of
 each class (``ap_per_class.json`` and its bar chart ``ap_per_class.png``) there, as
 ``detr-irpe-train --eval`` does; the per-class table is logged either way.
+
+The checkpoint becomes a :class:`detr_irpe.Detector` (as for ``detr-irpe-predict`` and the
+Python API): the data set's images get its preprocessing, and its model and
+post-processing make the detections that are scored.
 """
 
 from __future__ import annotations
@@ -46,14 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[str, object]:
     """Evaluate ``args.checkpoint``; returns the JSON report (on every rank). ``given`` names
     the options set on the command line: those win over the checkpoint's."""
-    import torch
-
     from detr_irpe.atomic import check_writable_dir, write_json
     from detr_irpe.checkpoint import model_from_checkpoint, save_torch
     from detr_irpe.cli.loaders import build_val_loader
     from detr_irpe.config import prepare_options
     from detr_irpe.data.coco import build_dataset, get_coco_api
-    from detr_irpe.engine import evaluate
+    from detr_irpe.detector import Detector
+    from detr_irpe.engine import evaluate_detector
     from detr_irpe.evaluation import evaluation_report, format_stats
     from detr_irpe.evaluation.per_class import report_per_class
     from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -70,15 +73,14 @@ def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[
     args, path = loaded.args, loaded.path
     logger.info("evaluating %s (epoch %s) with %s", path, loaded.checkpoint.get("epoch"), args)
 
-    dataset = build_dataset("val", args)
-    device = torch.device(args.device)
+    detector = Detector.from_loaded(loaded)
+    dataset = build_dataset("val", args, transforms=detector.transform)
     # No DDP wrapper: evaluation has no gradients to synchronise; ranks share the work
     # through the sampler and gather detections in the evaluator.
-    stats, evaluator = evaluate(
-        loaded.model, loaded.criterion, loaded.postprocessors,
-        build_val_loader(dataset, args, device), get_coco_api(dataset), device,
-        amp=args.amp, progress=args.progress,
-    )  # fmt: skip
+    loader = build_val_loader(dataset, args, detector.device)
+    stats, evaluator = evaluate_detector(
+        detector, loaded.criterion, loader, get_coco_api(dataset), progress=args.progress
+    )
     report = evaluation_report(stats, checkpoint=str(path), epoch=loaded.checkpoint.get("epoch"))
     if is_main_process():
         num_images = len(evaluator.img_ids) if evaluator is not None else 0

@@ -13,15 +13,16 @@ images are decoded by :func:`detr_irpe.data.images.load_rgb` and run through the
 to ``--batch_size`` at a time (images of one size per batch, see :func:`detect_in_batches`),
 with a progress bar (``--no_progress`` hides it).
 
-Each image goes through the validation transform (shorter side ``--val_size``, longer side
-at most ``--val_max_size``), the model and the post-processing; detections scoring at least
-``--threshold`` are drawn with their class name and score on the original image and saved
-as ``<output_dir>/<image stem>.png``. ``<output_dir>/detections.json`` lists them (boxes in
-pixels, ``[x0, y0, x1, y1]``).
+The checkpoint becomes a :class:`detr_irpe.Detector`, which runs each image through the
+validation transform (shorter side ``--val_size``, longer side at most ``--val_max_size``),
+the model and the post-processing; detections scoring at least ``--threshold`` are drawn
+with their class name and score on the original image and saved as
+``<output_dir>/<image stem>.png``. ``<output_dir>/detections.json`` lists them, best first
+(boxes in pixels, ``[x0, y0, x1, y1]``).
 
 Class names come from the checkpoint (this package stores them), else from the annotation
-files under ``--coco_path``, else the category ids are shown. Model options default to the
-checkpoint's, as in ``detr-irpe-eval``.
+files under ``--coco_path``, else the COCO names for a 91-class model, else the category ids
+are shown. Model options default to the checkpoint's, as in ``detr-irpe-eval``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from detr_irpe.cli.parsers import checkpoint_parser
 from detr_irpe.config import parse_options
 
 if TYPE_CHECKING:
-    import torch
+    from detr_irpe.detector import Detections, Detector
 
 __all__ = [
     "build_parser",
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def class_names_for(state: Mapping[str, Any], args: argparse.Namespace) -> dict[int, str]:
     """``{category_id: name}`` from the checkpoint's ``class_names`` or the annotations of
-    ``--coco_path`` (``--val_ann``/``--train_ann`` when given)."""
+    ``--coco_path`` (``--val_ann``/``--train_ann`` when given); ``{}`` without either."""
     stored = state.get("class_names")
     if stored:
         return {int(k): str(v) for k, v in stored.items()}
@@ -85,7 +86,6 @@ def class_names_for(state: Mapping[str, Any], args: argparse.Namespace) -> dict[
             ann_file = split_paths(args, split)[1]
             if ann_file.is_file():
                 return category_names(ann_file)
-    logger.warning("no class names in the checkpoint and no --coco_path: showing category ids")
     return {}
 
 
@@ -180,39 +180,28 @@ def _same_size_batches(paths: Sequence[Path], batch_size: int) -> list[list[int]
 
 
 def detect_in_batches(
-    model: torch.nn.Module,
-    postprocess: Any,
-    transform: Any,
+    detector: Detector,
     paths: Sequence[Path],
-    batch_size: int,
-    device: torch.device,
     progress: bool = False,
-) -> Iterator[tuple[int, Image.Image, dict[str, torch.Tensor]]]:
-    """Run ``model`` on the images of ``paths``, up to ``batch_size`` at a time.
+) -> Iterator[tuple[int, Image.Image, Detections]]:
+    """Run ``detector`` on the images of ``paths``, up to ``detector.batch_size`` at a time.
 
     Only images of the same size share a batch, so none is padded: DETR's output for an image
     changes when the batch pads it (the backbone sees the padding), and an image's detections
-    must not depend on the other images given. A folder of photos from one camera runs in
+    must not depend on the other images given. The sizes come from the file headers, so only
+    one batch of images is decoded at a time: a folder of photos from one camera runs in
     full batches; images of many sizes run in smaller ones.
 
     Args:
-        model: DETR in eval mode on ``device``.
-        postprocess: ``postprocessors["bbox"]``: ``(outputs, (B, 2) [h, w]) -> list of dicts``.
-        transform: the validation transform, ``(image, None) -> ((3, H, W) tensor, None)``.
+        detector: its threshold selects the detections.
         paths: the image files.
-        batch_size: most images per forward pass.
-        device: where the model runs.
         progress: show a tqdm bar (only when stderr is a terminal).
 
     Yields:
         Per image, grouped by size rather than in the order of ``paths``: its index in
-        ``paths``, the decoded RGB image and its detections, ``scores`` (Q,), ``labels``
-        (Q,), ``boxes`` (Q, 4) absolute ``[x0, y0, x1, y1]`` pixels, on the CPU.
+        ``paths``, the decoded RGB image and its :class:`~detr_irpe.detector.Detections`.
     """
-    import torch
     from tqdm import tqdm
-
-    from detr_irpe import nested_tensor
 
     bar = tqdm(
         total=len(paths),
@@ -223,15 +212,10 @@ def detect_in_batches(
         dynamic_ncols=True,
     )
     try:
-        for batch in _same_size_batches(paths, batch_size):
+        for batch in _same_size_batches(paths, detector.batch_size):
             images = [_load_image(paths[index]) for index in batch]
-            tensors = [transform(image, None)[0] for image in images]
-            sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
-            with torch.no_grad():
-                outputs = model(nested_tensor.nested_tensor_from_tensor_list(tensors).to(device))
-                results = postprocess(outputs, sizes)
-            for index, image, result in zip(batch, images, results, strict=True):
-                yield index, image, {key: value.cpu() for key, value in result.items()}
+            results = detector.detect_images(images)
+            yield from zip(batch, images, results, strict=True)
             bar.update(len(images))
     finally:
         bar.close()
@@ -239,34 +223,29 @@ def detect_in_batches(
 
 def _draw_and_list(
     image: Image.Image,
-    result: Mapping[str, torch.Tensor],
+    result: Detections,
     image_path: Path,
     out_path: Path,
     class_names: Mapping[int, str],
     threshold: float,
 ) -> dict[str, Any]:
-    """Draw the detections scoring at least ``threshold`` to ``out_path``; their listing."""
+    """Draw ``result`` to ``out_path``; their listing."""
     from detr_irpe.visualize import draw_detections
 
-    keep = result["scores"] >= threshold
-    boxes, labels, scores = result["boxes"][keep], result["labels"][keep], result["scores"][keep]
     draw_detections(
         image,
-        boxes,
-        labels,
-        scores,
+        result.boxes,
+        result.labels,
+        result.scores,
         class_names=class_names,
         score_threshold=threshold,
         path=out_path,
     )
     detections = [
-        {
-            "label": int(label),
-            "name": class_names.get(int(label), str(int(label))),
-            "score": float(score),
-            "box": [float(v) for v in box],
-        }
-        for box, label, score in zip(boxes, labels, scores, strict=True)
+        {"label": int(label), "name": name, "score": float(score), "box": [float(v) for v in box]}
+        for box, label, name, score in zip(
+            result.boxes, result.labels, result.names, result.scores, strict=True
+        )
     ]
     logger.info("%s: %d detection(s) -> %s", image_path, len(detections), out_path)
     return {"image": str(image_path), "output": str(out_path), "detections": detections}
@@ -275,12 +254,10 @@ def _draw_and_list(
 def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     """Run the programme for parsed options ``args`` (see the module docstring); ``given``
     names the options set on the command line: those win over the checkpoint's."""
-    import torch
-
     from detr_irpe.atomic import check_writable_dir, write_json
     from detr_irpe.checkpoint import model_from_checkpoint
     from detr_irpe.config import prepare_options
-    from detr_irpe.data.transforms import make_transforms
+    from detr_irpe.detector import Detector
     from detr_irpe.utils.logging import setup_logging
 
     args = prepare_options(args, needs_data=False)
@@ -294,27 +271,19 @@ def predict(args: argparse.Namespace, given: Iterable[str] = ()) -> None:
     loaded = model_from_checkpoint(
         args.checkpoint, {name: getattr(args, name) for name in given}, base=args
     )
-    args, model, postprocessors = loaded.args, loaded.model, loaded.postprocessors
-    device = torch.device(args.device)
-    class_names = class_names_for(loaded.checkpoint, args)
-    transform = make_transforms("val", args)
+    detector = Detector.from_loaded(
+        loaded, args.threshold, args.batch_size, class_names_for(loaded.checkpoint, loaded.args)
+    )
+    if not detector.class_names:
+        logger.warning("no class names in the checkpoint and no --coco_path: showing category ids")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     out_paths = _output_paths(images, output_dir)
-    detections = detect_in_batches(
-        model,
-        postprocessors["bbox"],
-        transform,
-        images,
-        args.batch_size,
-        device,
-        progress=args.progress,
-    )
     listing: list[dict[str, Any]] = [{} for _ in images]
-    for index, image, result in detections:
+    for index, image, result in detect_in_batches(detector, images, progress=args.progress):
         listing[index] = _draw_and_list(
-            image, result, images[index], out_paths[index], class_names, args.threshold
+            image, result, images[index], out_paths[index], detector.class_names, args.threshold
         )
     write_json(output_dir / "detections.json", listing)
 

@@ -250,12 +250,16 @@ class CocoDetection(Dataset[tuple[Any, Target]]):
         )
 
 
-def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
+def build_dataset(
+    image_set: str, args: Namespace, transforms: Transforms | None = None
+) -> CocoDetection:
     """The ``'train'`` or ``'val'`` COCO split under ``args.coco_path``.
 
     Reads ``args.coco_path``, ``args.dataset_file`` (only ``'coco'``), ``args.masks`` (must be
     off), ``args.skip_bad_samples`` and the transform options of
-    :func:`detr_irpe.data.transforms.make_transforms`.
+    :func:`detr_irpe.data.transforms.make_transforms`. ``transforms`` replaces that transform
+    (``detr-irpe-eval`` gives the :class:`~detr_irpe.detector.Detector`'s, so that evaluation
+    and prediction preprocess images alike).
 
     ``args`` are completed options (:func:`detr_irpe.config.prepare_options` has checked
     ``coco_path``, ``dataset_file`` and ``masks``).
@@ -273,7 +277,7 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
     dataset = CocoDetection(
         images,
         annotations,
-        transforms=make_transforms(image_set, args),
+        transforms=transforms if transforms is not None else make_transforms(image_set, args),
         skip_bad_samples=skip_bad_samples,
         seed=int(args.seed),
     )
