@@ -11,6 +11,14 @@ states saved by the original (or by this package) load into the optimizer built 
 AdamW (betas 0.9/0.999, eps 1e-8) with ``args.weight_decay`` on every parameter, and a
 ``StepLR`` that divides both learning rates by 10 every ``args.lr_drop`` epochs (stepped
 once per epoch).
+
+The update runs torch's ``foreach`` implementation (a few multi-tensor kernels instead of a
+dozen small ones per parameter). torch picks it by default on CUDA only; on the CPU it would
+run the for-loop one, which gives bitwise the same parameters and states (tested) but takes
+several times longer on DETR-R50's ~41M parameters. The states are the same tensors either
+way, so optimizer states of the original load here and ours load into the original; a resumed
+run keeps its own implementation whatever the checkpoint's groups say
+(:func:`keep_implementation`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ import argparse
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "parameter_groups"]
+__all__ = ["IMPLEMENTATION_KEYS", "build_optimizer", "keep_implementation", "parameter_groups"]
+
+# Per-group flags of torch optimizers that choose how the update is computed, not what it is.
+IMPLEMENTATION_KEYS = ("foreach", "fused")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -50,7 +61,31 @@ def build_optimizer(
         args: needs ``lr``, ``lr_backbone``, ``weight_decay`` and ``lr_drop``.
     """
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay
+        parameter_groups(model, args.lr_backbone),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        foreach=True,  # same numbers as the for-loop torch uses on the CPU, much faster
     )
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     return optimizer, lr_scheduler
+
+
+def keep_implementation(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, object]
+) -> dict[str, object]:
+    """``state_dict`` with each group's implementation flags (:data:`IMPLEMENTATION_KEYS`)
+    replaced by ``optimizer``'s, for ``optimizer.load_state_dict``.
+
+    ``load_state_dict`` takes every group setting from the file, so an original checkpoint
+    (``foreach=None``: the for-loop on the CPU) would otherwise switch the resumed run back to
+    the slow update. The groups are copied; ``state_dict`` is left as it is.
+    """
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list):
+        return state_dict
+    ours = optimizer.param_groups
+    merged = [
+        {**theirs, **{k: mine[k] for k in IMPLEMENTATION_KEYS if k in mine}}
+        for theirs, mine in zip(groups, ours, strict=False)
+    ]
+    return {**state_dict, "param_groups": merged + groups[len(merged) :]}
