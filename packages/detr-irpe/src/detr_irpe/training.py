@@ -48,6 +48,7 @@ from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
 from detr_irpe.evaluation.per_class import report_per_class
+from detr_irpe.memory_format import backbone_memory_format, use_backbone_memory_format
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -256,6 +257,14 @@ def _restore_ema(run: TrainingRun, start: StartCheckpoint) -> None:
     logger.info("restored the EMA weights of %s (%d updates)", start.path, run.ema.updates)
 
 
+def _set_memory_format(model: nn.Module, device: torch.device, amp: str) -> None:
+    """channels_last for the backbone where it pays under ``--amp``; untouched otherwise."""
+    memory_format = backbone_memory_format(device, amp)
+    if memory_format != torch.contiguous_format:
+        use_backbone_memory_format(model, memory_format)
+        logger.info("backbone in %s (--amp %s on %s)", memory_format, amp, device.type)
+
+
 def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
     """Options, process group, logging, seed, model, optimizer, validation data; resumed or
     fine-tuned from the start checkpoint."""
@@ -272,6 +281,7 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
 
     model, criterion, postprocessors = _build_model(args, start)
     model.to(device)
+    _set_memory_format(model, device, args.amp)
     model_without_ddp = model
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(
