@@ -42,6 +42,7 @@ from detr_irpe.checkpoint import (
     save_torch,
 )
 from detr_irpe.cli.loaders import build_train_loader, build_val_loader, set_epoch
+from detr_irpe.compiled import CompileTimes, compile_for_training
 from detr_irpe.config import prepare_options
 from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
 from detr_irpe.ema import ModelEma
@@ -108,6 +109,8 @@ class TrainingRun:
     start_epoch: int
     n_parameters: int
     ema: ModelEma | None = None  # --ema
+    compiled: nn.Module | None = None  # --compile: what the training steps call
+    compile_times: CompileTimes | None = None  # --compile: logs each size's first step
     best: BestTracker = field(default_factory=BestTracker)  # --save_best, --early_stop
 
 
@@ -300,6 +303,8 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
         sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad),
     )  # fmt: skip
     logger.info("number of params: %d", run.n_parameters)
+    if args.compile:
+        run.compiled, run.compile_times = compile_for_training(model), CompileTimes()
     _load_start(run, given)
     if args.ema and run.ema is None:  # from the start (or fine-tuned) weights
         run.ema = ModelEma(model_without_ddp, args.ema_decay)
@@ -329,12 +334,14 @@ def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
     seed_everything(_epoch_seed(run.args.seed, run.args.rank, epoch))
     set_epoch(loader, epoch, run.args.seed)
     timing = MetricLogger()
+    model = run.model if run.compiled is None else run.compiled
     stats = train_one_epoch(
-        run.model, run.criterion, loader, run.optimizer, run.device, epoch,
+        model, run.criterion, loader, run.optimizer, run.device, epoch,
         run.args.clip_max_norm, amp=run.args.amp, scaler=run.scaler,
         progress=run.args.progress, metric_logger=timing,
         grad_accum_steps=run.args.grad_accum_steps,
         on_step=None if run.ema is None else lambda: run.ema.update(run.model_without_ddp),
+        compile_times=run.compile_times,
     )  # fmt: skip
     run.lr_scheduler.step()
     return {
