@@ -21,7 +21,7 @@ from detr_irpe import build_model
 from detr_irpe.config import default_args
 from detr_irpe.optim import parameter_groups
 
-IMPLEMENTATIONS = {
+IMPLEMENTATIONS = {  # timed in this order
     "for-loop": {"foreach": False},
     "foreach": {"foreach": True},
     "fused": {"fused": True},

@@ -1,8 +1,9 @@
 """ResNet-50 backbone forward + backward under bf16 autocast: channels_last vs contiguous.
 
 The backbone as ``detr-irpe-train`` builds it (frozen batch norm, layer2-4 trained), one
-800x1066 image, ``torch.autocast('cpu', bfloat16)``. It decides whether
-:func:`detr_irpe.memory_format.backbone_memory_format` should pick channels_last on the CPU.
+800x1066 image, ``torch.autocast('cpu', bfloat16)``. It decides
+:data:`detr_irpe.memory_format.CPU_CHANNELS_LAST` (whether ``--amp bf16`` on the CPU uses
+channels_last).
 Take the figures on a quiet machine (``uptime`` load average well below the core count).
 
     python benchmarks/bench_channels_last.py [--steps N] [--size H W] [--device cpu]
@@ -26,21 +27,23 @@ def step(backbone: torch.nn.Module, images: torch.Tensor, device: str) -> None:
     features.float().sum().backward()
 
 
-def time_format(fmt: torch.memory_format, options: argparse.Namespace) -> float:
+def prepare(fmt: torch.memory_format, options: argparse.Namespace) -> tuple:
+    """``(backbone, images)`` in ``fmt``, warmed up (oneDNN primitive creation)."""
     torch.manual_seed(0)
     backbone = Backbone("resnet50", True, False, False).to(options.device)
     images = torch.randn(1, 3, *options.size, device=options.device)
     backbone = backbone.to(memory_format=fmt)
     images = images.contiguous(memory_format=fmt)
-    step(backbone, images, options.device)  # warm-up (oneDNN primitive creation)
-    times = []
-    for _ in range(options.steps):
-        start = time.perf_counter()
-        step(backbone, images, options.device)
-        if options.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    step(backbone, images, options.device)
+    return backbone, images
+
+
+def timed_step(backbone: torch.nn.Module, images: torch.Tensor, device: str) -> float:
+    start = time.perf_counter()
+    step(backbone, images, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -50,12 +53,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     options = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads")
-    for name, fmt in (
-        ("contiguous", torch.contiguous_format),
-        ("channels_last", torch.channels_last),
-    ):
-        seconds = time_format(fmt, options)
-        print(f"{name:>13}: {seconds:.3f} s per forward+backward", flush=True)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    prepared = {name: prepare(fmt, options) for name, fmt in formats.items()}
+    times: dict[str, list[float]] = {name: [] for name in formats}
+    # Alternated steps, so that a change of load affects both formats alike.
+    for _ in range(options.steps):
+        for name, (backbone, images) in prepared.items():
+            times[name].append(timed_step(backbone, images, options.device))
+    for name, values in times.items():
+        rounded = ", ".join(f"{v:.2f}" for v in values)
+        print(f"{name:>13}: median {statistics.median(values):.3f} s per forward+backward "
+              f"({rounded})")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -79,3 +79,18 @@ def test_memory_format_only_changes_under_amp() -> None:
         assert backbone_memory_format("cuda", amp) is torch.channels_last
     cpu = torch.channels_last if CPU_CHANNELS_LAST else torch.contiguous_format
     assert backbone_memory_format("cpu", "bf16") is cpu
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_training_run_sets_the_backbone_format_of_its_amp(
+    make_args: Callable[..., Namespace], amp: str
+) -> None:
+    from detr_irpe.training import set_up
+
+    run = set_up(make_args("--amp", amp, "--num_classes", "5"))
+    conv = run.model_without_ddp.backbone[0].body.conv1.weight
+    expected = backbone_memory_format("cpu", amp)
+    assert run.model_without_ddp.backbone[0].memory_format is expected
+    assert conv.is_contiguous(memory_format=expected)
+    if amp == "off":  # float32 stays the original's layout (and numerics)
+        assert conv.is_contiguous()

@@ -280,6 +280,12 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         "normalised); converted to COCO in output_dir/yolo_as_coco",
     )
     new.add_argument(
+        "--fused_optimizer",
+        action="store_true",
+        help="torch's fused AdamW (one kernel for all parameters; about 3x faster steps on a "
+        "CPU) instead of the original's update, which it matches only up to rounding",
+    )
+    new.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model for training (evaluation stays eager); training batches "

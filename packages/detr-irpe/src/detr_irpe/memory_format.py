@@ -1,12 +1,15 @@
 """The memory format of the backbone under mixed precision (``--amp``).
 
-Convolutions in reduced precision run faster on NHWC (``torch.channels_last``) tensors on
-CUDA (tensor cores read channels innermost). Under ``--amp bf16``/``fp16`` the ResNet's
-weights and its input batch are therefore made channels_last on CUDA; what follows the backbone
-(the 1x1 input projection, then the flattening into a sequence) takes either layout.
+Convolutions in reduced precision run faster on NHWC (``torch.channels_last``) tensors: on CUDA
+tensor cores read channels innermost, and on the CPU oneDNN's bf16 convolutions skip the
+reorders of NCHW data. Under ``--amp bf16``/``fp16`` the ResNet's weights and its input batch
+are therefore made channels_last; what follows the backbone (the 1x1 input projection, then the
+flattening into a sequence) takes either layout.
 
-On the CPU it stays contiguous unless ``benchmarks/bench_channels_last.py`` (ResNet-50 forward
-+ backward, bf16 autocast, one 800x1066 image) shows a gain: see :data:`CPU_CHANNELS_LAST`.
+On the CPU it pays too: ``benchmarks/bench_channels_last.py`` (ResNet-50 forward + backward,
+bf16 autocast, one 800x1066 image, 2 threads) takes 2.74-2.82 s instead of 3.02-3.11 s on the
+2-core AVX512-BF16 Xeon (no AMX) of docs/benchmarks.md; :data:`CPU_CHANNELS_LAST` turns it off
+for a CPU where it does not.
 
 Without ``--amp`` nothing changes: another layout picks other convolution kernels, whose float32
 sums are rounded differently, and the float32 path stays numerically the original's.
@@ -20,7 +23,7 @@ from torch import nn
 __all__ = ["CPU_CHANNELS_LAST", "backbone_memory_format", "use_backbone_memory_format"]
 
 # Whether channels_last pays on the CPU under bf16 autocast (see the module docstring).
-CPU_CHANNELS_LAST = False
+CPU_CHANNELS_LAST = True
 
 
 def backbone_memory_format(device: torch.device | str, amp: str) -> torch.memory_format:

@@ -12,13 +12,14 @@ AdamW (betas 0.9/0.999, eps 1e-8) with ``args.weight_decay`` on every parameter,
 ``StepLR`` that divides both learning rates by 10 every ``args.lr_drop`` epochs (stepped
 once per epoch).
 
-The update runs torch's ``foreach`` implementation (a few multi-tensor kernels instead of a
-dozen small ones per parameter). torch picks it by default on CUDA only; on the CPU it would
-run the for-loop one, which gives bitwise the same parameters and states (tested) but takes
-several times longer on DETR-R50's ~41M parameters. The states are the same tensors either
-way, so optimizer states of the original load here and ours load into the original; a resumed
-run keeps its own implementation whatever the checkpoint's groups say
-(:func:`keep_implementation`).
+The update is torch's default: the for-loop implementation on the CPU (the original's), the
+``foreach`` one on CUDA. ``--fused_optimizer`` opts in to torch's fused AdamW, one kernel over
+all parameters: on the 2-core AVX512 Xeon of docs/benchmarks.md a DETR-R50 step (41.3M
+parameters) takes 31 ms instead of 90 ms (for-loop; ``foreach`` is slower there, 120-140 ms),
+but its rounding differs (a few hundred ulp after 5 steps), so it is not the default. The
+optimizer states are the same tensors for every implementation, so states load both ways
+between the original and this package; a resumed run keeps its own implementation whatever the
+checkpoint's groups say (:func:`keep_implementation`).
 """
 
 from __future__ import annotations
@@ -58,13 +59,17 @@ def build_optimizer(
 
     Args:
         model: the detector (optionally wrapped in ``DistributedDataParallel``).
-        args: needs ``lr``, ``lr_backbone``, ``weight_decay`` and ``lr_drop``.
+        args: needs ``lr``, ``lr_backbone``, ``weight_decay`` and ``lr_drop``; reads
+            ``fused_optimizer`` when present (off otherwise).
     """
+    # fused=None, not False: torch then picks its default (for-loop on the CPU, foreach on
+    # CUDA), as the original's AdamW(params, lr, weight_decay) does.
+    fused = True if getattr(args, "fused_optimizer", False) else None
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.lr_backbone),
         lr=args.lr,
         weight_decay=args.weight_decay,
-        foreach=True,  # same numbers as the for-loop torch uses on the CPU, much faster
+        fused=fused,
     )
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     return optimizer, lr_scheduler
@@ -76,9 +81,10 @@ def keep_implementation(
     """``state_dict`` with each group's implementation flags (:data:`IMPLEMENTATION_KEYS`)
     replaced by ``optimizer``'s, for ``optimizer.load_state_dict``.
 
-    ``load_state_dict`` takes every group setting from the file, so an original checkpoint
-    (``foreach=None``: the for-loop on the CPU) would otherwise switch the resumed run back to
-    the slow update. The groups are copied; ``state_dict`` is left as it is.
+    ``load_state_dict`` takes every group setting from the file, so a checkpoint of a
+    ``--fused_optimizer`` run would otherwise make a resumed run fused without the flag, and
+    an original checkpoint would turn the flag off. The groups are copied; ``state_dict`` is
+    left as it is.
     """
     groups = state_dict.get("param_groups")
     if not isinstance(groups, list):
