@@ -9,12 +9,14 @@ Each run is ``detr-irpe-train --epochs 2`` on ``--iters`` batches: epoch 0 warms
 primitives, ``--compile``'s compilation), epoch 1 is measured; images/s is the batch size over
 epoch 1's ``train_iter_time`` (``log.txt``: mean seconds per iteration, data wait included).
 
-Modes: ``fp32`` (the default options), ``bf16`` (``--amp bf16``), and with ``--compile``
-``bf16+compile``. ``--src PATH`` (repeatable) runs another checkout of the repository, e.g. a
-worktree of the commit before the change, through ``PYTHONPATH``; modes its parser lacks are
-skipped. The compiled ``irpe_ops`` extension is the installed one for every source.
+Modes: ``fp32`` (the default options), ``bf16`` (``--amp bf16``), ``bf16+fused`` (and
+``--fused_optimizer``), ``bf16+compile`` (and ``--compile``); ``--modes`` picks them (default
+``fp32 bf16``; ``--compile`` adds ``bf16+compile``). ``--src PATH`` (repeatable) runs another
+checkout of the repository, e.g. a worktree of the commit before the change, through
+``PYTHONPATH``; modes its parser lacks are skipped. The compiled ``irpe_ops`` extension is
+the installed one for every source.
 
-    git worktree add /tmp/before fb2f8a2
+    mkdir /tmp/before && git archive fb2f8a2 | tar -x -C /tmp/before
     python benchmarks/bench_train.py --src /tmp/before --src . [--compile] [--iters N]
 
 Defaults take about 5 minutes per source on 2 cores (R50 at 800 px is several seconds per
@@ -37,8 +39,10 @@ PACKAGE_SOURCES = ("packages/detr-irpe/src", "packages/irpe-nn/src")
 MODES = {
     "fp32": [],
     "bf16": ["--amp", "bf16"],
+    "bf16+fused": ["--amp", "bf16", "--fused_optimizer"],
     "bf16+compile": ["--amp", "bf16", "--compile", "--compile_pad", "32"],
 }
+DEFAULT_MODES = ["fp32", "bf16"]
 
 
 def cpu_description() -> str:
@@ -146,6 +150,9 @@ def main() -> None:
     parser.add_argument(
         "--side", type=int, default=800, help="image side in pixels (smaller: to try the script)"
     )
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=DEFAULT_MODES, help="what to run"
+    )
     parser.add_argument("--compile", action="store_true", help="also run bf16+compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--verbose", action="store_true", help="print each run's log")
@@ -153,7 +160,7 @@ def main() -> None:
     if min(options.iters, options.batch_size) < 1 or options.side < 32:
         parser.error("--iters and --batch_size must be at least 1, --side at least 32")
     sources = [path.resolve() for path in options.src or [REPO]]
-    modes = ["fp32", "bf16"] + (["bf16+compile"] if options.compile else [])
+    modes = list(dict.fromkeys(options.modes + (["bf16+compile"] if options.compile else [])))
 
     print(f"CPU: {cpu_description()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
