@@ -34,6 +34,7 @@ from detr_irpe.config import default_args
 from detr_irpe.data.coco import build_dataset
 from detr_irpe.data.synthetic import SyntheticConfig, generate_synthetic_coco
 from detr_irpe.engine import train_one_epoch
+from detr_irpe.memory_format import backbone_memory_format, use_backbone_memory_format
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.seeding import seed_everything
@@ -70,6 +71,8 @@ def loss_curve(data: Path, seed: int, mode: str, options: argparse.Namespace) ->
     args = demo_args(data, seed, options.batch_size, MODES[mode])
     seed_everything(seed)
     model, criterion, _ = build_model(args)
+    # The backbone layout detr-irpe-train gives this --amp (channels_last under bf16).
+    use_backbone_memory_format(model, backbone_memory_format("cpu", args.amp))
     optimizer, _ = build_optimizer(model, args)
     losses = []
     for step, (epoch, batch) in zip(range(options.steps), batches(args), strict=False):
@@ -107,6 +110,12 @@ def report(curves: dict[str, dict[int, list[float]]], window: int) -> bool:
         cells = "  ".join(f"{v:>9.4f}" for v in fp32 + bf16)
         print(f"{steps:>9}  {cells}   {mean:9.4f}   [{min(fp32):.4f}, {max(fp32):.4f}]"
               f"  {'yes' if within else 'NO'}")  # fmt: skip
+    # Same seed, same batches: the paired difference is the bf16 effect without the seed's.
+    paired = [means["bf16"][s][-1] - means["fp32"][s][-1] for s in seeds]
+    fp32_last = [means["fp32"][s][-1] for s in seeds]
+    print(f"last window, bf16 - fp32 of the same seed: "
+          f"{', '.join(f'{d:+.4f}' for d in paired)} (mean {statistics.fmean(paired):+.4f}); "
+          f"fp32 standard deviation over seeds {statistics.stdev(fp32_last):.4f}")  # fmt: skip
     return all_within
 
 
