@@ -94,3 +94,24 @@ def test_training_run_sets_the_backbone_format_of_its_amp(
     assert conv.is_contiguous(memory_format=expected)
     if amp == "off":  # float32 stays the original's layout (and numerics)
         assert conv.is_contiguous()
+
+
+def test_bf16_run_checkpoint_resumes_and_loads_into_a_float32_model(
+    synthetic_coco_root, tiny_cli: tuple, tmp_path
+) -> None:
+    from detr_irpe.checkpoint import model_from_checkpoint, read_checkpoint
+    from detr_irpe.cli.train import main as train_main
+
+    model_flags, run_flags = tiny_cli
+    argv = [*model_flags, *run_flags, "--coco_path", str(synthetic_coco_root),
+            "--output_dir", str(tmp_path), "--amp", "bf16"]  # fmt: skip
+    assert train_main([*argv, "--epochs", "1"]) == 0
+    state = read_checkpoint(tmp_path / "checkpoint.pth")
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    # Resumed under bf16 (channels_last backbone on load), then loaded for float32 inference.
+    resume = ["--resume", str(tmp_path / "checkpoint.pth")]
+    assert train_main([*argv, *resume, "--epochs", "2"]) == 0
+    loaded = model_from_checkpoint(tmp_path / "checkpoint.pth", {"device": "cpu"})
+    weights = loaded.model.state_dict()
+    saved = read_checkpoint(tmp_path / "checkpoint.pth")["model"]
+    assert all(torch.equal(weights[k], v) for k, v in saved.items())
