@@ -9,6 +9,10 @@ data order and the augmentation, so fp32 and bf16 runs of one seed see the same 
 The run-to-run spread of float32 (the range over seeds) is the yardstick: for each window of
 ``--window`` steps, and for the last window (the smoothed end of the curve), the mean bf16 loss
 over seeds should lie within the range of the fp32 seeds' means. Prints a table and a verdict.
+With few seeds that range is a strict yardstick (a fourth fp32 seed would itself fall outside
+the range of three half of the time), so the script also prints, for the last window, the
+same-seed differences bf16 - fp32 against the fp32 standard deviation over seeds; a bf16 cost
+shows as differences of one sign, larger than that deviation.
 
     python benchmarks/bf16_learning.py [--steps 200] [--seeds 0 1 2] [--json curves.json]
 
