@@ -1,10 +1,9 @@
 """The memory format of the backbone under mixed precision (``--amp``).
 
-Convolutions in reduced precision run faster on NHWC (``torch.channels_last``) tensors: on CUDA
-tensor cores read channels innermost, and on the CPU oneDNN's bf16 convolutions skip the
-reorders of NCHW data. Under ``--amp bf16``/``fp16`` the ResNet's weights and its input batch
-are therefore made channels_last; what follows the backbone (the 1x1 input projection, then the
-flattening into a sequence) takes either layout.
+Convolutions in reduced precision run faster on NHWC (``torch.channels_last``) tensors on CUDA
+(tensor cores read channels innermost). Under ``--amp bf16``/``fp16`` the ResNet's weights and
+its input batch are therefore made channels_last; what follows the backbone (the 1x1 input
+projection, then the flattening into a sequence) takes either layout.
 
 On the CPU it pays too: ``benchmarks/bench_channels_last.py`` (ResNet-50 forward + backward,
 bf16 autocast, one 800x1066 image, 2 threads) takes 2.74-2.82 s instead of 3.02-3.11 s on the
