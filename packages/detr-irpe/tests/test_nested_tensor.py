@@ -87,3 +87,17 @@ def test_mask_shape_is_validated() -> None:
         NestedTensor(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         NestedTensor(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4))
+
+
+def test_size_multiple_rounds_the_padded_size_up() -> None:
+    images = [torch.rand(3, 50, 70), torch.rand(3, 64, 20)]
+    batch = nested_tensor_from_tensor_list(images, size_multiple=32)
+    assert batch.tensors.shape == (2, 3, 64, 96) and batch.mask.shape == (2, 64, 96)
+    for image, padded, mask in zip(images, batch.tensors, batch.mask, strict=True):
+        h, w = image.shape[1:]
+        assert torch.equal(padded[:, :h, :w], image) and not mask[:h, :w].any()
+        assert mask.sum() == 64 * 96 - h * w and not padded[:, mask].any()
+    exact = nested_tensor_from_tensor_list([torch.rand(3, 64, 96)], size_multiple=32)
+    assert exact.tensors.shape == (1, 3, 64, 96) and not exact.mask.any()
+    with pytest.raises(ValueError, match="size_multiple must be at least 1"):
+        nested_tensor_from_tensor_list(images, size_multiple=0)

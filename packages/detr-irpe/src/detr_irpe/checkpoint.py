@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_irpe.atomic import atomic_write
+from detr_irpe.optim import keep_implementation
 
 __all__ = [
     "ARCHITECTURE_OPTIONS",
@@ -443,7 +444,7 @@ def load_checkpoint(
         skipped_keys=skipped,
     )
     if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(keep_implementation(optimizer, state["optimizer"]))
         loaded.optimizer_loaded = True
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -731,7 +732,7 @@ def restore_training_state(
     epoch = _check_epoch(state, source)
     _check_optimizer_state(state.get("optimizer"), optimizer, source)
     _check_scheduler_state(state.get("lr_scheduler"), source)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(keep_implementation(optimizer, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

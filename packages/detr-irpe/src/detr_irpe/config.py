@@ -296,6 +296,27 @@ def _add_new_options(parser: argparse.ArgumentParser) -> None:
         "normalised); converted to COCO in output_dir/yolo_as_coco",
     )
     new.add_argument(
+        "--fused_optimizer",
+        action="store_true",
+        help="torch's fused AdamW (one kernel for all parameters; about 3x faster steps on a "
+        "CPU) instead of the original's update, which it matches only up to rounding",
+    )
+    new.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (evaluation stays eager); training batches "
+        "are padded to multiples of --compile_pad so each padded size compiles once (logged "
+        "as 'compiled for HxW in S s'); padding changes the numbers slightly",
+    )
+    new.add_argument(
+        "--compile_pad",
+        default=128,
+        type=int,
+        metavar="PX",
+        help="with --compile, pad training batches to multiples of PX pixels (fewer sizes, "
+        "fewer compilations; 32, the backbone's stride, when all images have one size)",
+    )
+    new.add_argument(
         "--config",
         default=None,
         metavar="FILE.yaml",
@@ -457,7 +478,7 @@ def check_run_options(args: argparse.Namespace, *, needs_data: bool) -> None:
     if args.coco_path and not os.path.isdir(args.coco_path):
         raise OptionError(f"--coco_path '{args.coco_path}' is not a directory")
     _require_at_least(args, 1, ("batch_size", "epochs", "lr_drop", "eval_every"))
-    _require_at_least(args, 1, ("grad_accum_steps",))
+    _require_at_least(args, 1, ("grad_accum_steps", "compile_pad"))
     _require_at_least(args, 0, ("early_stop", "num_workers"))
     if not 0.0 < args.ema_decay < 1.0:
         raise OptionError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")

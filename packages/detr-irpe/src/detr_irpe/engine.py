@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detr_irpe.compiled import CompileTimes
 from detr_irpe.evaluation.coco_eval import CocoEvaluator, format_stats
 from detr_irpe.utils.distributed import reduce_dict
 from detr_irpe.utils.logging import MetricLogger, SmoothedValue
@@ -209,6 +210,15 @@ def _sync_context(model: nn.Module, final: bool) -> contextlib.AbstractContextMa
     return model.no_sync()
 
 
+def _first_of_shape(
+    compile_times: CompileTimes | None, samples: Any
+) -> contextlib.AbstractContextManager[Any]:
+    """``compile_times.step(samples)`` (times a step of a new shape), or nothing."""
+    if compile_times is None:
+        return contextlib.nullcontext()
+    return compile_times.step(samples)
+
+
 def _forward(
     model: nn.Module,
     criterion: nn.Module,
@@ -251,6 +261,7 @@ def train_one_epoch(
     metric_logger: MetricLogger | None = None,
     grad_accum_steps: int = 1,
     on_step: Callable[[], None] | None = None,
+    compile_times: CompileTimes | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``.
 
@@ -279,6 +290,8 @@ def train_one_epoch(
             scaled by ``1 / grad_accum_steps``: the update of a batch that many times larger.
             Under DDP the gradients are all-reduced only on the last batch of a group.
         on_step: called after every optimizer step (e.g. to update a moving average).
+        compile_times: with a compiled ``model`` (``--compile``), logs the first step of each
+            batch shape, which includes its compilation.
 
     Returns:
         Global averages over the epoch (and over ranks): ``lr``, ``class_error``, ``loss``,
@@ -310,7 +323,7 @@ def train_one_epoch(
         final = (iteration + 1) % grad_accum_steps == 0 or iteration + 1 == total
         samples = samples.to(device)
         targets = _targets_to(targets, device)
-        with _sync_context(model, final):
+        with _sync_context(model, final), _first_of_shape(compile_times, samples):
             losses, values = _forward(
                 model, criterion, samples, targets, device, amp, (epoch, iteration)
             )

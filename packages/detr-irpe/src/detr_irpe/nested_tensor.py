@@ -3,10 +3,15 @@
 DETR trains on images of different sizes. A batch is stored as one zero-padded tensor plus a
 boolean mask that is ``True`` on the padding (as in the original); every image sits in the
 top-left corner, so grid coordinates of valid pixels do not depend on the padding.
+
+``size_multiple`` rounds the padded height and width up to a multiple (``--compile``: each
+padded size is compiled once, so fewer sizes mean fewer compilations); the default of 1 pads
+to the largest image only, as the original.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,13 +63,22 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTensor:
+def _round_up(size: int, multiple: int) -> int:
+    return math.ceil(size / multiple) * multiple
+
+
+def nested_tensor_from_tensor_list(
+    tensor_list: Sequence[Tensor], size_multiple: int = 1
+) -> NestedTensor:
     """Pad a list of ``(C, H_b, W_b)`` images into one batch.
 
-    Returns a :class:`NestedTensor` with ``tensors (N, C, max H_b, max W_b)`` (image ``b`` copied
-    into the top-left corner, zeros elsewhere) and ``mask (N, max H_b, max W_b)``, True on padding.
+    Returns a :class:`NestedTensor` with ``tensors (N, C, H, W)`` (image ``b`` copied into the
+    top-left corner, zeros elsewhere) and ``mask (N, H, W)``, True on padding, where ``H`` and
+    ``W`` are ``max H_b`` and ``max W_b`` rounded up to a multiple of ``size_multiple``.
     The dtype and device are those of the first image.
     """
+    if size_multiple < 1:
+        raise ValueError(f"size_multiple must be at least 1, got {size_multiple}")
     if isinstance(tensor_list, Tensor) and tensor_list.dim() == 4:
         tensor_list = list(tensor_list.unbind(0))
     if len(tensor_list) == 0:
@@ -83,8 +97,8 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTenso
             raise ValueError(
                 f"image {index} of the batch has {image.shape[0]} channels, image 0 has {channels}"
             )
-    height = max(image.shape[1] for image in tensor_list)
-    width = max(image.shape[2] for image in tensor_list)
+    height = _round_up(max(image.shape[1] for image in tensor_list), size_multiple)
+    width = _round_up(max(image.shape[2] for image in tensor_list), size_multiple)
     first = tensor_list[0]
     tensors = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
@@ -95,10 +109,12 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTenso
 
 
 def collate_fn(
-    batch: Sequence[tuple[Tensor, Mapping[str, Any]]],
+    batch: Sequence[tuple[Tensor, Mapping[str, Any]]], size_multiple: int = 1
 ) -> tuple[NestedTensor, tuple[Mapping[str, Any], ...]]:
     """DataLoader collation: a list of ``(image (3, H, W), target dict)`` pairs to
-    ``(NestedTensor, tuple of target dicts)``; the targets are passed through unchanged."""
+    ``(NestedTensor, tuple of target dicts)``; the targets are passed through unchanged.
+    ``size_multiple``: see :func:`nested_tensor_from_tensor_list` (bind it with
+    ``functools.partial``, which DataLoader workers can pickle)."""
     images = []
     targets = []
     for index, sample in enumerate(batch):
@@ -110,4 +126,4 @@ def collate_fn(
             )
         images.append(sample[0])
         targets.append(sample[1])
-    return nested_tensor_from_tensor_list(images), tuple(targets)
+    return nested_tensor_from_tensor_list(images, size_multiple), tuple(targets)

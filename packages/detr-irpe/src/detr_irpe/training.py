@@ -42,12 +42,14 @@ from detr_irpe.checkpoint import (
     save_torch,
 )
 from detr_irpe.cli.loaders import build_train_loader, build_val_loader, set_epoch
+from detr_irpe.compiled import CompileTimes, compile_for_training
 from detr_irpe.config import prepare_options
 from detr_irpe.data.coco import build_dataset, category_names, get_coco_api
 from detr_irpe.ema import ModelEma
 from detr_irpe.engine import NonFiniteLossError, evaluate, make_grad_scaler, train_one_epoch
 from detr_irpe.evaluation import evaluation_report
 from detr_irpe.evaluation.per_class import PER_CLASS_CHART, per_class_ap, report_per_class
+from detr_irpe.memory_format import backbone_memory_format, use_backbone_memory_format
 from detr_irpe.models import build_model
 from detr_irpe.optim import build_optimizer
 from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
@@ -108,6 +110,8 @@ class TrainingRun:
     start_epoch: int
     n_parameters: int
     ema: ModelEma | None = None  # --ema
+    compiled: nn.Module | None = None  # --compile: what the training steps call
+    compile_times: CompileTimes | None = None  # --compile: logs each size's first step
     best: BestTracker = field(default_factory=BestTracker)  # --save_best, --early_stop
 
 
@@ -257,6 +261,14 @@ def _restore_ema(run: TrainingRun, start: StartCheckpoint) -> None:
     logger.info("restored the EMA weights of %s (%d updates)", start.path, run.ema.updates)
 
 
+def _set_memory_format(model: nn.Module, device: torch.device, amp: str) -> None:
+    """channels_last for the backbone where it pays under ``--amp``; untouched otherwise."""
+    memory_format = backbone_memory_format(device, amp)
+    if memory_format != torch.contiguous_format:
+        use_backbone_memory_format(model, memory_format)
+        logger.info("backbone in %s (--amp %s on %s)", memory_format, amp, device.type)
+
+
 def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
     """Options, process group, logging, seed, model, optimizer, validation data; resumed or
     fine-tuned from the start checkpoint."""
@@ -273,6 +285,7 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
 
     model, criterion, postprocessors = _build_model(args, start)
     model.to(device)
+    _set_memory_format(model, device, args.amp)
     model_without_ddp = model
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -291,6 +304,8 @@ def set_up(args: argparse.Namespace, given: Iterable[str] = ()) -> TrainingRun:
         sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad),
     )  # fmt: skip
     logger.info("number of params: %d", run.n_parameters)
+    if args.compile:
+        run.compiled, run.compile_times = compile_for_training(model), CompileTimes()
     _load_start(run, given)
     if args.ema and run.ema is None:  # from the start (or fine-tuned) weights
         run.ema = ModelEma(model_without_ddp, args.ema_decay)
@@ -320,12 +335,14 @@ def train_epoch(run: TrainingRun, loader: Any, epoch: int) -> dict[str, Any]:
     seed_everything(_epoch_seed(run.args.seed, run.args.rank, epoch))
     set_epoch(loader, epoch, run.args.seed)
     timing = MetricLogger()
+    model = run.model if run.compiled is None else run.compiled
     stats = train_one_epoch(
-        run.model, run.criterion, loader, run.optimizer, run.device, epoch,
+        model, run.criterion, loader, run.optimizer, run.device, epoch,
         run.args.clip_max_norm, amp=run.args.amp, scaler=run.scaler,
         progress=run.args.progress, metric_logger=timing,
         grad_accum_steps=run.args.grad_accum_steps,
         on_step=None if run.ema is None else lambda: run.ema.update(run.model_without_ddp),
+        compile_times=run.compile_times,
     )  # fmt: skip
     run.lr_scheduler.step()
     return {

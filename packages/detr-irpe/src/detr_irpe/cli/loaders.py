@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,9 +61,11 @@ class EpochKeySampler(Sampler[tuple[int, int]]):
         return len(self.sampler)  # type: ignore[arg-type]
 
 
-def _loader_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _loader_options(
+    args: argparse.Namespace, device: torch.device, size_multiple: int = 1
+) -> dict[str, Any]:
     return {
-        "collate_fn": collate_fn,
+        "collate_fn": partial(collate_fn, size_multiple=size_multiple),
         "num_workers": args.num_workers,
         "persistent_workers": args.num_workers > 0,
         "pin_memory": device.type == "cuda",
@@ -75,8 +78,10 @@ def build_train_loader(
     """Shuffled batches of ``args.batch_size`` images per process, the last partial one dropped.
 
     The dataset is indexed with ``(epoch, index)`` keys (:class:`EpochKeySampler`), as
-    :class:`detr_irpe.data.coco.CocoDetection` accepts them.
+    :class:`detr_irpe.data.coco.CocoDetection` accepts them. With ``--compile`` the batches are
+    padded to multiples of ``--compile_pad`` pixels (see :mod:`detr_irpe.compiled`).
     """
+    size_multiple = args.compile_pad if args.compile else 1
     sampler: Sampler[int]
     if getattr(args, "distributed", False):
         sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed)
@@ -87,7 +92,7 @@ def build_train_loader(
         dataset,
         batch_sampler=batch_sampler,
         generator=torch.Generator().manual_seed(args.seed),  # the workers' base seed
-        **_loader_options(args, device),
+        **_loader_options(args, device, size_multiple),
     )
 
 

@@ -216,6 +216,8 @@ class Backbone(nn.Module):
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
         self.num_channels = SUPPORTED_BACKBONES[name]
         self.dilation = dilation
+        # channels_last under mixed precision where it pays (detr_irpe.memory_format).
+        self.memory_format = torch.contiguous_format
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         """``tensors (N, 3, Hp, Wp)``, ``mask (N, Hp, Wp)`` -> ``{'0': NestedTensor(features
@@ -223,6 +225,7 @@ class Backbone(nn.Module):
         images, mask = tensor_list.decompose()
         if mask is None:
             raise ValueError("the backbone needs the padding mask of the batch")
+        images = images.contiguous(memory_format=self.memory_format)  # no copy if already so
         out: dict[str, NestedTensor] = {}
         for name, features in self.body(images).items():
             resized = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
