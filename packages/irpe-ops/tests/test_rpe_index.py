@@ -85,18 +85,3 @@ def test_meta_tensors_give_shapes() -> None:
     assert out.shape == (2, 3, 5, 11)
     assert out.dtype == torch.bfloat16
     assert out.device.type == "meta"
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize(("Lq", "Lk"), [(8, 64), (4, 66), (5, 67), (3, 130), (7, 9)])
-def test_rows_written_with_streaming_stores_match(
-    dtype: torch.dtype, Lq: int, Lk: int, generator: torch.Generator
-) -> None:
-    """Long rows go through 16-byte non-temporal stores after an unaligned head; rows of
-    planes whose alignments differ (odd Lq * Lk), short rows and the 2 planes left over after
-    groups of 4 take the plain loop. Every element must be right either way."""
-    x = make_data((2, 3, Lq, 11), dtype, "contiguous", generator)
-    index = make_index(Lq, Lk, 11, torch.int32, generator)
-    torch.testing.assert_close(
-        irpe_ops.rpe_index(x, index), rpe_index_reference(x, index), rtol=0, atol=0
-    )

@@ -9,11 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <emmintrin.h>  // SSE2, part of every x86-64: _mm_stream_si128, _mm_sfence
-#define IRPE_STREAM_STORES 1
-#endif
-
 #include "checks.h"
 #include "cpu/index_rows.h"
 #include "cpu/output.h"
@@ -42,8 +37,7 @@ inline void gather_row(const elem_t* __restrict src, int64_t stride_k, const ind
 // Copies kGroup output rows that share one index row.
 template <typename elem_t, typename index_t>
 inline void gather_rows(const elem_t* const (&src)[kGroup], int64_t stride_k,
-                        const index_t* __restrict ix, elem_t* const (&dst)[kGroup], int64_t j,
-                        int64_t end) {
+                        const index_t* __restrict ix, elem_t* const (&dst)[kGroup], int64_t Lk) {
   const elem_t* __restrict s0 = src[0];
   const elem_t* __restrict s1 = src[1];
   const elem_t* __restrict s2 = src[2];
@@ -52,7 +46,7 @@ inline void gather_rows(const elem_t* const (&src)[kGroup], int64_t stride_k,
   elem_t* __restrict d1 = dst[1];
   elem_t* __restrict d2 = dst[2];
   elem_t* __restrict d3 = dst[3];
-  for (; j < end; ++j) {
+  for (int64_t j = 0; j < Lk; ++j) {
     const int64_t k = static_cast<int64_t>(ix[j]) * stride_k;
     d0[j] = s0[k];
     d1[j] = s1[k];
@@ -60,49 +54,6 @@ inline void gather_rows(const elem_t* const (&src)[kGroup], int64_t stride_k,
     d3[j] = s3[k];
   }
 }
-
-#ifdef IRPE_STREAM_STORES
-// The output is written once and is far larger than the caches (46 MB at the DETR encoder
-// size), so ordinary stores first read every destination line into the cache (read for
-// ownership) only to overwrite it: half the memory traffic is wasted. Non-temporal stores
-// write whole 16-byte pieces straight to memory. They need 16-byte aligned destinations; the
-// kGroup rows (one query row in kGroup planes) usually share their misalignment, otherwise
-// the plain loop runs. Callers issue _mm_sfence() before the output is handed back.
-template <typename elem_t, typename index_t>
-inline void gather_rows_streaming(const elem_t* const (&src)[kGroup], int64_t stride_k,
-                                  const index_t* __restrict ix, elem_t* const (&dst)[kGroup],
-                                  int64_t Lk) {
-  constexpr int64_t kVec = 16 / sizeof(elem_t);
-  const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) & 15u; };
-  const uintptr_t off = misalignment(dst[0]);
-  bool shared = off % sizeof(elem_t) == 0;
-  for (int g = 1; g < kGroup; ++g) {
-    shared = shared && misalignment(dst[g]) == off;
-  }
-  const int64_t head = off == 0 ? 0 : static_cast<int64_t>((16 - off) / sizeof(elem_t));
-  if (!shared || Lk < head + 4 * kVec) {
-    gather_rows(src, stride_k, ix, dst, 0, Lk);
-    return;
-  }
-  gather_rows(src, stride_k, ix, dst, 0, head);
-  int64_t j = head;
-  for (; j + kVec <= Lk; j += kVec) {
-    alignas(16) elem_t piece[kGroup][kVec];
-    for (int64_t u = 0; u < kVec; ++u) {
-      const int64_t k = static_cast<int64_t>(ix[j + u]) * stride_k;
-      piece[0][u] = src[0][k];
-      piece[1][u] = src[1][k];
-      piece[2][u] = src[2][k];
-      piece[3][u] = src[3][k];
-    }
-    for (int g = 0; g < kGroup; ++g) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst[g] + j),
-                       _mm_load_si128(reinterpret_cast<const __m128i*>(piece[g])));
-    }
-  }
-  gather_rows(src, stride_k, ix, dst, j, Lk);
-}
-#endif
 
 template <typename elem_t, typename index_t>
 void rpe_index_kernel(const at::Tensor& input, const at::Tensor& index, at::Tensor& out) {
@@ -137,19 +88,12 @@ void rpe_index_kernel(const at::Tensor& input, const at::Tensor& index, at::Tens
             src[g] = in + group.b[g] * sB + group.h[g] * sH + group.i * sQ;
             dst[g] = o + (group.plane[g] * Lq + group.i) * Lk;
           }
-          if (group.count != kGroup) {
-            gather_row(src[0], sK, ix, dst[0], Lk);
+          if (group.count == kGroup) {
+            gather_rows(src, sK, ix, dst, Lk);
           } else {
-#ifdef IRPE_STREAM_STORES
-            gather_rows_streaming(src, sK, ix, dst, Lk);
-#else
-            gather_rows(src, sK, ix, dst, 0, Lk);
-#endif
+            gather_row(src[0], sK, ix, dst[0], Lk);
           }
         });
-#ifdef IRPE_STREAM_STORES
-    _mm_sfence();  // this thread's streamed stores are visible before parallel_for returns
-#endif
   });
 }
 
