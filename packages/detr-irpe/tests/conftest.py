@@ -140,3 +140,20 @@ def one_epoch_run(synthetic_coco_root: Path, tmp_path_factory: pytest.TempPathFa
     torch.set_num_threads(threads)
     assert status == 0
     return out
+
+
+@pytest.fixture
+def trained_backbone(make_args: Callable[..., Namespace]) -> tuple:
+    """``(args, model, criterion, batch)``: a tiny model with both parameter groups trained
+    (backbone too), no dropout, and one fixed batch of two validation images."""
+    import torch
+
+    from detr_irpe.data import build_dataset
+    from detr_irpe.models import build_model
+    from detr_irpe.nested_tensor import collate_fn
+
+    torch.manual_seed(0)
+    args = make_args("--dropout", "0", "--num_classes", "5", "--lr_backbone", "1e-4")
+    model, criterion, _ = build_model(args)
+    dataset = build_dataset("val", args)
+    return args, model, criterion, collate_fn([dataset[0], dataset[1]])

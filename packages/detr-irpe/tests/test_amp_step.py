@@ -9,28 +9,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from detr_irpe.data.coco import build_dataset
 from detr_irpe.engine import train_one_epoch
 from detr_irpe.memory_format import (
     CPU_CHANNELS_LAST,
     backbone_memory_format,
     use_backbone_memory_format,
 )
-from detr_irpe.models import build_model
-from detr_irpe.nested_tensor import collate_fn
 from detr_irpe.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def trained_backbone(make_args: Callable[..., Namespace]) -> tuple:
-    """A tiny model whose backbone is trained too, no dropout, and one fixed batch."""
-    torch.manual_seed(0)
-    args = make_args("--dropout", "0", "--num_classes", "5", "--lr_backbone", "1e-4")
-    model, criterion, _ = build_model(args)
-    dataset = build_dataset("val", args)
-    return args, model, criterion, collate_fn([dataset[0], dataset[1]])
 
 
 def float32_everywhere(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

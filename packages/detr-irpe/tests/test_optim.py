@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from detr_irpe.checkpoint import restore_training_state
-from detr_irpe.data.coco import build_dataset
 from detr_irpe.engine import train_one_epoch
-from detr_irpe.models import build_model
-from detr_irpe.nested_tensor import collate_fn
 from detr_irpe.optim import build_optimizer, parameter_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,16 +23,6 @@ def original_optimizer(model: torch.nn.Module, args: Namespace) -> torch.optim.A
     return torch.optim.AdamW(
         parameter_groups(model, args.lr_backbone), lr=args.lr, weight_decay=args.weight_decay
     )
-
-
-@pytest.fixture
-def trained_backbone(make_args: Callable[..., Namespace]) -> tuple:
-    """A tiny model with both parameter groups trained, no dropout, and one fixed batch."""
-    torch.manual_seed(0)
-    args = make_args("--dropout", "0", "--num_classes", "5", "--lr_backbone", "1e-4")
-    model, criterion, _ = build_model(args)
-    dataset = build_dataset("val", args)
-    return args, model, criterion, collate_fn([dataset[0], dataset[1]])
 
 
 def train_steps(model, criterion, optimizer, batch, steps: int = 3) -> None:
