@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLI_MODEL, TINY_CLI_RUN
 
+from detr_irpe.cli.evaluate import main as eval_main
 from detr_irpe.cli.train import main as train_main
 from detr_irpe.data.coco_annotations import AnnotationError
 from detr_irpe.data.yolo import convert_yolo, read_names
@@ -90,3 +91,12 @@ def test_training_on_a_yolo_dataset(
     assert train_main([*argv, "--output_dir", str(out), "--epochs", "1"]) == 0
     assert (out / "checkpoint.pth").is_file() and (out / "ap_per_class.json").is_file()
     assert "coco_path: null" in (out / "config.yaml").read_text()
+
+    # detr-irpe-eval takes the same --data: converted again, scored with the same class names.
+    report = tmp_path / "eval"
+    argv = ["--data", str(tmp_path / "yolo"), "--output_dir", str(report), "--num_workers", "0"]
+    assert eval_main([str(out / "checkpoint.pth"), *argv, "--no_progress"]) == 0
+    trained = json.loads((out / "ap_per_class.json").read_text())
+    evaluated = json.loads((report / "ap_per_class.json").read_text())
+    assert set(evaluated) == set(trained) and (report / "yolo_as_coco").is_dir()
+    assert {c["n_gt"] for c in evaluated.values()} == {c["n_gt"] for c in trained.values()}

@@ -142,26 +142,6 @@ def _read_start(args: argparse.Namespace) -> StartCheckpoint | None:
     return None
 
 
-def _yolo_as_coco(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with ``coco_path`` the COCO conversion of the ``--data`` YOLO dataset."""
-    import tempfile
-
-    from detr_irpe.config import OptionError
-    from detr_irpe.data.yolo import convert_yolo
-
-    if args.coco_path:
-        raise OptionError("--data and --coco_path exclude each other: give one dataset")
-    if not Path(args.data).is_dir():
-        raise OptionError(f"--data '{args.data}' is not a directory")
-    if args.output_dir:
-        target = Path(args.output_dir) / "yolo_as_coco"
-    else:
-        target = Path(tempfile.mkdtemp(prefix="detr-irpe-yolo-"))
-    converted = argparse.Namespace(**vars(args))
-    converted.coco_path = str(convert_yolo(args.data, target, bool(args.skip_bad_samples)))
-    return converted
-
-
 def prepare_run_options(
     args: argparse.Namespace, given: Iterable[str] = ()
 ) -> tuple[argparse.Namespace, StartCheckpoint | None]:
@@ -169,7 +149,9 @@ def prepare_run_options(
     checkpoint (a contradicting flag in ``given`` is refused), then every option checked.
     ``--data`` (YOLO) is converted to the COCO layout first and becomes ``coco_path``."""
     if getattr(args, "data", None):
-        args = _yolo_as_coco(args)
+        from detr_irpe.data.yolo import yolo_as_coco
+
+        args = yolo_as_coco(args)
     args = prepare_options(args)
     start = _read_start(args)
     if start is not None:

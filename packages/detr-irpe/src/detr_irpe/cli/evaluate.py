@@ -3,6 +3,7 @@
 ::
 
     detr-irpe-eval CHECKPOINT --coco_path ./coco_data [--output stats.json]
+    detr-irpe-eval CHECKPOINT --data ./yolo_dataset     # a YOLO/Ultralytics layout
     torchrun --nproc_per_node=8 -m detr_irpe.cli.evaluate CHECKPOINT --coco_path ./coco_data
 
 The network is rebuilt from the options stored in the checkpoint (this package's
@@ -62,6 +63,10 @@ def run_evaluation(args: argparse.Namespace, given: Iterable[str] = ()) -> dict[
     from detr_irpe.utils.distributed import init_distributed_mode, is_main_process
     from detr_irpe.utils.logging import setup_logging
 
+    if getattr(args, "data", None):  # a YOLO dataset, converted as detr-irpe-train converts it
+        from detr_irpe.data.yolo import yolo_as_coco
+
+        args, given = yolo_as_coco(args), [*given, "coco_path"]
     args = prepare_options(args)
     if args.output_dir:
         check_writable_dir(args.output_dir)

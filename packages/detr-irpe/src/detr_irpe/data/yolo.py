@@ -15,10 +15,12 @@ YOLO class ``k`` becomes COCO category id ``k`` (so ``num_classes`` is the numbe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,28 @@ def convert_yolo(root: str | os.PathLike[str], target: str | os.PathLike[str],
                 link.symlink_to(root / "images" / _YOLO_SPLITS[split], target_is_directory=True)
     logger.info("YOLO dataset %s (%d classes) converted to COCO in %s", root, len(names), target)
     return target
+
+
+def yolo_as_coco(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``coco_path`` the COCO conversion of the ``--data`` YOLO dataset.
+
+    The conversion goes to ``<output_dir>/yolo_as_coco`` (a temporary folder without
+    ``--output_dir``). Used by ``detr-irpe-train`` and ``detr-irpe-eval``, so that both see
+    the same category ids (YOLO class k is category id k).
+
+    Raises:
+        OptionError: ``--coco_path`` is given too, or ``--data`` is not a directory.
+    """
+    from detr_irpe.config import OptionError
+
+    if args.coco_path:
+        raise OptionError("--data and --coco_path exclude each other: give one dataset")
+    if not Path(args.data).is_dir():
+        raise OptionError(f"--data '{args.data}' is not a directory")
+    if args.output_dir:
+        target = Path(args.output_dir) / "yolo_as_coco"
+    else:
+        target = Path(tempfile.mkdtemp(prefix="detr-irpe-yolo-"))
+    converted = argparse.Namespace(**vars(args))
+    converted.coco_path = str(convert_yolo(args.data, target, bool(args.skip_bad_samples)))
+    return converted
