@@ -5,6 +5,8 @@ buckets of ratio 2.0 (row/column offsets clipped to +-4: K = 81), a contextual t
 only, shared by the heads, dropout 0.1. Cases:
 
 * ``fused fp32`` / ``fused bf16``: ``irpe_ops.rpe_attention`` on (B, H, L, D) q, k, v;
+* ``fused fp32 2-pass``: the same with the backward forced onto its two-pass schedule (what it
+  runs when there are fewer than two planes, B * H, per thread): each dS tile computed twice;
 * ``unfused fp32``: the same attention as separate autograd ops (matmul, ``irpe_ops.rpe_index``
   of ``q @ Wk``, softmax, dropout, matmul), materialising (B, H, L, L) tensors;
 * ``sdpa fp32``: ``F.scaled_dot_product_attention`` without position encoding nor dropout;
@@ -20,6 +22,7 @@ Usage: ``python benchmarks/bench_fused.py [--repeats 10] [--threads N]``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import time
@@ -99,6 +102,16 @@ def main() -> None:
 
         return step
 
+    def two_pass(step: Callable[[], None]) -> Callable[[], None]:
+        def forced() -> None:
+            os.environ["IRPE_OPS_ATTENTION_BACKWARD"] = "two_pass"
+            try:
+                step()
+            finally:
+                del os.environ["IRPE_OPS_ATTENTION_BACKWARD"]
+
+        return forced
+
     def unfused_step() -> None:
         out = unfused(*fp32)
         out.backward(grad)
@@ -134,6 +147,7 @@ def main() -> None:
 
     cases = {
         "fused fp32": fused_step(torch.float32),
+        "fused fp32 2-pass": two_pass(fused_step(torch.float32)),
         "fused bf16": fused_step(torch.bfloat16),
         "unfused fp32": unfused_step,
         "sdpa fp32": sdpa_step,
@@ -149,6 +163,7 @@ def main() -> None:
     fused = times["fused fp32"]
     print("ratios:")
     print(f"  fused fp32 / unfused fp32     {fused / times['unfused fp32']:.2f}")
+    print(f"  fused fp32 / 2-pass backward  {fused / times['fused fp32 2-pass']:.2f}")
     print(f"  fused fp32 / sdpa fp32        {fused / times['sdpa fp32']:.2f}")
     print(f"  fused bf16 / fused fp32       {times['fused bf16'] / fused:.2f}")
     print(f"  fused fp32 / mha fp32         {fused / times['mha fp32']:.2f}")

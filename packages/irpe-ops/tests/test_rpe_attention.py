@@ -23,6 +23,14 @@ TABLES = (
 )
 
 
+@pytest.fixture(params=["per_plane", "two_pass"])
+def backward_mode(request, monkeypatch) -> str:
+    """Both backward schedules: one task per plane (each dS tile computed once) and the two
+    passes over (plane, block) tasks; the kernel picks one by the number of planes per thread."""
+    monkeypatch.setenv("IRPE_OPS_ATTENTION_BACKWARD", request.param)
+    return request.param
+
+
 def make_case(
     size: tuple[int, int, int, int],
     tables: dict[str, int | str],
@@ -186,15 +194,18 @@ def check_grads(
 
 @pytest.mark.parametrize("size", SIZES[:3])
 @pytest.mark.parametrize("tables", TABLES)
+@pytest.mark.usefixtures("backward_mode")
 def test_backward_matches_reference(size, tables, generator: torch.Generator) -> None:
     check_grads(make_case(size, tables, generator), generator)
 
 
+@pytest.mark.usefixtures("backward_mode")
 def test_backward_detr_ids(generator: torch.Generator) -> None:
     case = make_case((2, 2, 150, 8), {"wq": 1, "wk": "H", "wv": 1}, generator, detr_ids=True)
     check_grads(case, generator)
 
 
+@pytest.mark.usefixtures("backward_mode")
 def test_gradcheck_float64(generator: torch.Generator) -> None:
     case = make_case((1, 2, 7, 4), {"wq": 1, "wk": "H", "wv": 1}, generator, torch.float64, K=5)
     mask = torch.tensor([[False, False, True, False, False, False, True]])
@@ -207,6 +218,7 @@ def test_gradcheck_float64(generator: torch.Generator) -> None:
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.usefixtures("backward_mode")
 def test_backward_is_deterministic(generator: torch.Generator) -> None:
     case = make_case((2, 3, 130, 8), {"wq": 1, "wk": 1, "wv": 1}, generator)
     names = grad_inputs(case)
@@ -232,6 +244,7 @@ def random_mask(B: int, L: int, generator: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tables", [{}, {"wq": 1, "wk": "H", "wv": 1}])
+@pytest.mark.usefixtures("backward_mode")
 def test_key_padding_mask(tables, generator: torch.Generator) -> None:
     case = make_case((2, 2, 130, 8), tables, generator)
     mask = random_mask(2, 130, generator)
@@ -242,6 +255,7 @@ def test_key_padding_mask(tables, generator: torch.Generator) -> None:
     check_grads(case, generator, mask=mask)
 
 
+@pytest.mark.usefixtures("backward_mode")
 def test_fully_masked_rows_give_zero(generator: torch.Generator) -> None:
     case = make_case((2, 2, 70, 8), {"wq": 1, "wk": 1, "wv": 1}, generator)
     mask = torch.zeros(2, 70, dtype=torch.bool)
@@ -309,6 +323,7 @@ def test_dropout_zero_keeps_everything() -> None:
 
 
 @pytest.mark.parametrize("tables", [{}, {"wq": 1, "wk": "H", "wv": 1}])
+@pytest.mark.usefixtures("backward_mode")
 def test_dropout_forward_backward_match_reference(tables, generator: torch.Generator) -> None:
     case = make_case((2, 2, 130, 8), tables, generator)
     check_grads(case, generator, mask=random_mask(2, 130, generator), dropout_p=0.25, seed=99)
@@ -399,3 +414,12 @@ def test_inside_an_autocast_region() -> None:
         out = irpe_ops.rpe_attention(q, k, v, ids, wk=wk)
         out.float().sum().backward()
     assert torch.equal(out, expected) and wk.grad is not None
+
+
+def test_backward_schedule_variable_is_checked(generator: torch.Generator, monkeypatch) -> None:
+    case = make_case((1, 2, 5, 4), {"wk": 1}, generator, K=3)
+    q = case["q"].requires_grad_()
+    out = irpe_ops.rpe_attention(q, case["k"], case["v"], case["ids"], wk=case["wk"])
+    monkeypatch.setenv("IRPE_OPS_ATTENTION_BACKWARD", "fast")
+    with pytest.raises(RuntimeError, match="IRPE_OPS_ATTENTION_BACKWARD must be 'per_plane'"):
+        out.sum().backward()

@@ -14,7 +14,9 @@
 // Backward, with Z = M / (1 - p), dP'_ij = dO_i . (v_j + Wv[ids[i, j]]) and
 // Dr_i = dO_i . out_i = sum_j P'_ij dP'_ij:
 //   dlogits_ij = dS_ij = P_ij (Z_ij dP'_ij - Dr_i).
-// Two passes, each writing only the rows it owns (deterministic, no atomics):
+// Every gradient is written by one task only (deterministic, no atomics). With enough planes for
+// the threads, one task per plane walks the query-major tiles once and accumulates both sides;
+// otherwise two passes, each writing only the rows it owns:
 //   A, per query block (over all key blocks): dq += dS k, dQWk[i, ids[i, j]] += dS_ij,
 //      PB[i, ids[i, j]] += P'_ij;
 //   B, per key block (over all query blocks): dk += dS^T q, dv += P'^T dO,
@@ -37,8 +39,10 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -423,6 +427,54 @@ void scatter_rows(acc_t* dst, int64_t K, const acc_t* src, const int32_t* X, int
   }
 }
 
+// dst[c, Y[r, c]] += src[r, c] (dst (cols, K), src leading dimension kBlock): the key-side
+// table gradient of a query-major tile. Each column adds into its own row of dst, in the order
+// of the tile's rows (queries); the lanes of a vector hit distinct rows, so the AVX-512 path's
+// gather-add-scatter has no conflicts.
+#ifdef IRPE_AVX512_GATHER
+__attribute__((target("avx512f"))) void scatter_cols_avx512(float* dst, int32_t K,
+                                                            const float* src, const int32_t* Y,
+                                                            int64_t ldy, int64_t rows,
+                                                            int64_t cols) {
+  const __m512i lane = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(K));
+  const __m512i step = _mm512_set1_epi32(16 * K);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* v = src + r * kBlock;
+    const int32_t* y = Y + r * ldy;
+    __m512i base = lane;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const auto m = static_cast<__mmask16>(cols - c >= 16 ? 0xFFFFU : (1U << (cols - c)) - 1U);
+      const __m512i idx = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, y + c), base);
+      const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, dst, 4);
+      const __m512 sum = _mm512_add_ps(old, _mm512_maskz_loadu_ps(m, v + c));
+      _mm512_mask_i32scatter_ps(dst, m, idx, sum, 4);
+      base = _mm512_add_epi32(base, step);
+    }
+  }
+}
+#endif
+
+template <typename acc_t>
+void scatter_cols(acc_t* dst, int64_t K, const acc_t* src, const int32_t* Y, int64_t ldy,
+                  int64_t rows, int64_t cols) {
+#ifdef IRPE_AVX512_GATHER
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHaveAvx512) {
+      scatter_cols_avx512(dst, static_cast<int32_t>(K), src, Y, ldy, rows, cols);
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* __restrict v = src + r * kBlock;
+    const int32_t* __restrict y = Y + r * ldy;
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[c * K + y[c]] += v[c];
+    }
+  }
+}
+
 // The gemm operand of a tile: the accumulation type itself, or a bfloat16 copy.
 template <typename scalar_t, typename acc_t>
 const scalar_t* as_operand(const acc_t* tile, scalar_t* buffer, int64_t rows, int64_t cols) {
@@ -651,6 +703,23 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Ten
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// Whether the backward runs one task per plane, where each dS tile is computed once and feeds
+// both the query side (dq, dQWk) and the key side (dk, dv, dKWq), or two passes over
+// (plane, block) tasks, which compute each tile twice but give B * H * L / kBlock tasks to share
+// among threads. One task per plane needs enough planes to keep every thread busy.
+// IRPE_OPS_ATTENTION_BACKWARD=per_plane|two_pass forces one (tests, benchmarks).
+inline bool backward_per_plane(int64_t planes) {
+  const char* env = std::getenv("IRPE_OPS_ATTENTION_BACKWARD");
+  if (env != nullptr && *env != '\0') {
+    const std::string_view choice(env);
+    TORCH_CHECK(choice == "per_plane" || choice == "two_pass",
+                "irpe_ops: IRPE_OPS_ATTENTION_BACKWARD must be 'per_plane' or 'two_pass', got '",
+                env, "'");
+    return choice == "per_plane";
+  }
+  return planes >= 2 * static_cast<int64_t>(at::get_num_threads());
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const Problem& pb, const at::Tensor& grad_out, const at::Tensor& out,
@@ -674,9 +743,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor q_t = pb.q.transpose(2, 3).contiguous();
   const at::Tensor dout_t = dout.transpose(2, 3).contiguous();
 
+  const bool per_plane = backward_per_plane(B * H);
   at::Tensor dq = at::zeros({B, H, L, D}, acc_opts);
-  at::Tensor dk = at::zeros({B, H, L, D}, acc_opts);
-  at::Tensor dv = at::zeros({B, H, L, D}, acc_opts);
+  // dk and dv, accumulated transposed ((B, H, D, L)) by the per-plane schedule.
+  const auto zeros_if = [&](bool wanted, at::IntArrayRef shape) {
+    return wanted ? at::zeros(shape, acc_opts) : at::Tensor();
+  };
+  at::Tensor dk = zeros_if(!per_plane, {B, H, L, D});
+  at::Tensor dv = zeros_if(!per_plane, {B, H, L, D});
+  at::Tensor dk_t = zeros_if(per_plane, {B, H, D, L});
+  at::Tensor dv_t = zeros_if(per_plane, {B, H, D, L});
   at::Tensor dqwk, dkwq, pbk;
   if (pb.wk.defined()) {
     dqwk = at::zeros({B, H, L, K}, acc_opts);
@@ -705,130 +781,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const acc_t* lse_p = lse.const_data_ptr<acc_t>();
   const acc_t* dr_p = dr.const_data_ptr<acc_t>();
   acc_t* dq_p = dq.mutable_data_ptr<acc_t>();
-  acc_t* dk_p = dk.mutable_data_ptr<acc_t>();
-  acc_t* dv_p = dv.mutable_data_ptr<acc_t>();
+  acc_t* dk_p = mut_ptr_or_null<acc_t>(dk);
+  acc_t* dv_p = mut_ptr_or_null<acc_t>(dv);
+  acc_t* dkt_p = mut_ptr_or_null<acc_t>(dk_t);
+  acc_t* dvt_p = mut_ptr_or_null<acc_t>(dv_t);
   acc_t* dqwk_p = mut_ptr_or_null<acc_t>(dqwk);
   acc_t* dkwq_p = mut_ptr_or_null<acc_t>(dkwq);
   acc_t* pbk_p = mut_ptr_or_null<acc_t>(pbk);
   const int64_t nblocks = (L + kBlock - 1) / kBlock;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
 
-  // Pass A: one task per (plane, query block), over every key block.
-  at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlock * kBlock), d_buf(kBlock * kBlock), bias(kBlock);
-    std::vector<scalar_t> op_buf(kConvert ? kBlock * kBlock : 0);
-    std::vector<uint32_t> key_lo(kBlock), key_hi(kBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nblocks;
-      const int64_t b = bh / H;
-      const int64_t i0 = (task % nblocks) * kBlock;
-      const int64_t mq = std::min(kBlock, L - i0);
-      const scalar_t* q_blk = q + (bh * L + i0) * D;
-      const scalar_t* go_blk = go + (bh * L + i0) * D;
-      acc_t* dq_blk = dq_p + (bh * L + i0) * D;
-      acc_t* dqwk_blk = dqwk_p != nullptr ? dqwk_p + (bh * L + i0) * K : nullptr;
-      acc_t* pb_blk = pbk_p != nullptr ? pbk_p + (bh * L + i0) * K : nullptr;
-      if (pb.dropout.on) {
-        row_keys(dropout_plane_key(pb.seed, pb.offset, b, bh % H), i0, mq, key_lo.data(),
-                 key_hi.data());
-      }
-      BwdTile<acc_t> tile;
-      tile.s = s_buf.data();
-      tile.dp = d_buf.data();
-      tile.rows = mq;
-      tile.lse = lse_p + bh * L + i0;
-      tile.dr = dr_p + bh * L + i0;
-      tile.key_lo = key_lo.data();
-      tile.key_hi = key_hi.data();
-      tile.dowv = dowv_p != nullptr ? dowv_p + (bh * L + i0) * K : nullptr;
-      tile.dropout = pb.dropout;
-      tile.terms.ldx = L;
-      tile.terms.K = K;
-      tile.terms.row_tab = qwk != nullptr ? qwk + (bh * L + i0) * K : nullptr;
-      for (int64_t j0 = 0; j0 < L; j0 += kBlock) {
-        const int64_t nk = std::min(kBlock, L - j0);
-        gemm(mq, nk, D, q_blk, D, kt + bh * D * L + j0, L, s_buf.data(), kBlock, false);
-        gemm(mq, nk, D, go_blk, D, vt + bh * D * L + j0, L, d_buf.data(), kBlock, false);
-        tile.cols = nk;
-        tile.j0 = static_cast<uint32_t>(j0);
-        tile.terms.X = ids + i0 * L + j0;
-        tile.terms.Y = ids_t != nullptr ? ids_t + i0 * L + j0 : nullptr;
-        tile.terms.col_tab = kwq != nullptr ? kwq + (bh * L + j0) * K : nullptr;
-        tile.col_bias = nullptr;
-        if (mask != nullptr) {
-          const bool* mrow = mask + b * L + j0;
-          for (int64_t c = 0; c < nk; ++c) {
-            bias[c] = mrow[c] ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
-          }
-          tile.col_bias = bias.data();
-        }
-        bwd_tile_query_major(tile);
-        if (dqwk_blk != nullptr) {
-          scatter_rows(dqwk_blk, K, d_buf.data(), ids + i0 * L + j0, L, mq, nk);
-        }
-        if (pb_blk != nullptr) {
-          scatter_rows(pb_blk, K, s_buf.data(), ids + i0 * L + j0, L, mq, nk);
-        }
-        const scalar_t* ds_op = as_operand<scalar_t>(d_buf.data(), op_buf.data(), mq, nk);
-        gemm(mq, D, nk, ds_op, kBlock, k + (bh * L + j0) * D, D, dq_blk, D, true);
-      }
+  // The query-major tiles of one (plane, query block), over every key block: dq, dQWk and PB
+  // of the block's rows; with `key_side`, also dk, dv and dKWq of every key (the caller owns
+  // the whole plane then).
+  struct QueryBlockBuffers {
+    std::vector<acc_t> s, d, bias;
+    std::vector<scalar_t> op;
+    std::vector<uint32_t> key_lo, key_hi;
+    QueryBlockBuffers()
+        : s(kBlock * kBlock), d(kBlock * kBlock), bias(kBlock), op(kBlock * kBlock),
+          key_lo(kBlock), key_hi(kBlock) {}
+  };
+  const auto query_block = [&](int64_t bh, int64_t i0, QueryBlockBuffers& buf, bool key_side) {
+    const int64_t b = bh / H;
+    const int64_t mq = std::min(kBlock, L - i0);
+    const scalar_t* q_blk = q + (bh * L + i0) * D;
+    const scalar_t* go_blk = go + (bh * L + i0) * D;
+    acc_t* dq_blk = dq_p + (bh * L + i0) * D;
+    acc_t* dqwk_blk = dqwk_p != nullptr ? dqwk_p + (bh * L + i0) * K : nullptr;
+    acc_t* pb_blk = pbk_p != nullptr ? pbk_p + (bh * L + i0) * K : nullptr;
+    if (pb.dropout.on) {
+      row_keys(dropout_plane_key(pb.seed, pb.offset, b, bh % H), i0, mq, buf.key_lo.data(),
+               buf.key_hi.data());
     }
-  });
-
-  // Pass B: one task per (plane, key block), over every query block.
-  at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlock * kBlock), d_buf(kBlock * kBlock);
-    std::vector<scalar_t> op_buf(kConvert ? kBlock * kBlock : 0);
-    std::vector<uint32_t> key_lo(kBlock), key_hi(kBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nblocks;
-      const int64_t b = bh / H;
-      const int64_t j0 = (task % nblocks) * kBlock;
+    BwdTile<acc_t> tile;
+    tile.s = buf.s.data();
+    tile.dp = buf.d.data();
+    tile.rows = mq;
+    tile.lse = lse_p + bh * L + i0;
+    tile.dr = dr_p + bh * L + i0;
+    tile.key_lo = buf.key_lo.data();
+    tile.key_hi = buf.key_hi.data();
+    tile.dowv = dowv_p != nullptr ? dowv_p + (bh * L + i0) * K : nullptr;
+    tile.dropout = pb.dropout;
+    tile.terms.ldx = L;
+    tile.terms.K = K;
+    tile.terms.row_tab = qwk != nullptr ? qwk + (bh * L + i0) * K : nullptr;
+    for (int64_t j0 = 0; j0 < L; j0 += kBlock) {
       const int64_t nk = std::min(kBlock, L - j0);
-      const scalar_t* k_blk = k + (bh * L + j0) * D;
-      const scalar_t* v_blk = v + (bh * L + j0) * D;
-      acc_t* dk_blk = dk_p + (bh * L + j0) * D;
-      acc_t* dv_blk = dv_p + (bh * L + j0) * D;
-      acc_t* dkwq_blk = dkwq_p != nullptr ? dkwq_p + (bh * L + j0) * K : nullptr;
-      const uint64_t plane_key =
-          pb.dropout.on ? dropout_plane_key(pb.seed, pb.offset, b, bh % H) : 0;
-      BwdTile<acc_t> tile;
-      tile.s = s_buf.data();
-      tile.dp = d_buf.data();
-      tile.rows = nk;
-      tile.key_lo = key_lo.data();
-      tile.key_hi = key_hi.data();
-      tile.dropout = pb.dropout;
-      tile.row_skip = mask != nullptr ? mask + b * L + j0 : nullptr;
+      gemm(mq, nk, D, q_blk, D, kt + bh * D * L + j0, L, buf.s.data(), kBlock, false);
+      gemm(mq, nk, D, go_blk, D, vt + bh * D * L + j0, L, buf.d.data(), kBlock, false);
+      tile.cols = nk;
       tile.j0 = static_cast<uint32_t>(j0);
-      tile.terms.ldx = L;
-      tile.terms.K = K;
-      tile.terms.row_tab = kwq != nullptr ? kwq + (bh * L + j0) * K : nullptr;
-      for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
-        const int64_t mq = std::min(kBlock, L - i0);
-        gemm(nk, mq, D, k_blk, D, qt + bh * D * L + i0, L, s_buf.data(), kBlock, false);
-        gemm(nk, mq, D, v_blk, D, got + bh * D * L + i0, L, d_buf.data(), kBlock, false);
-        if (pb.dropout.on) {
-          row_keys(plane_key, i0, mq, key_lo.data(), key_hi.data());
+      tile.terms.X = ids + i0 * L + j0;
+      tile.terms.Y = ids_t != nullptr ? ids_t + i0 * L + j0 : nullptr;
+      tile.terms.col_tab = kwq != nullptr ? kwq + (bh * L + j0) * K : nullptr;
+      tile.col_bias = nullptr;
+      if (mask != nullptr) {
+        const bool* mrow = mask + b * L + j0;
+        for (int64_t c = 0; c < nk; ++c) {
+          buf.bias[c] = mrow[c] ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
         }
-        tile.cols = mq;
-        tile.lse = lse_p + bh * L + i0;
-        tile.dr = dr_p + bh * L + i0;
-        tile.dowv = dowv_p != nullptr ? dowv_p + (bh * L + i0) * K : nullptr;
-        tile.terms.X = ids + j0 * L + i0;
-        tile.terms.Y = ids_t != nullptr ? ids_t + j0 * L + i0 : nullptr;
-        tile.terms.col_tab = qwk != nullptr ? qwk + (bh * L + i0) * K : nullptr;
-        bwd_tile_key_major(tile);
-        if (dkwq_blk != nullptr) {
-          scatter_rows(dkwq_blk, K, d_buf.data(), ids + j0 * L + i0, L, nk, mq);
+        tile.col_bias = buf.bias.data();
+      }
+      bwd_tile_query_major(tile);
+      if (dqwk_blk != nullptr) {
+        scatter_rows(dqwk_blk, K, buf.d.data(), ids + i0 * L + j0, L, mq, nk);
+      }
+      if (pb_blk != nullptr) {
+        scatter_rows(pb_blk, K, buf.s.data(), ids + i0 * L + j0, L, mq, nk);
+      }
+      const scalar_t* ds_op = as_operand<scalar_t>(buf.d.data(), buf.op.data(), mq, nk);
+      gemm(mq, D, nk, ds_op, kBlock, k + (bh * L + j0) * D, D, dq_blk, D, true);
+      if (key_side) {
+        if (dkwq_p != nullptr) {
+          scatter_cols(dkwq_p + (bh * L + j0) * K, K, buf.d.data(), ids_t + i0 * L + j0, L, mq,
+                       nk);
         }
-        const scalar_t* ds_op = as_operand<scalar_t>(d_buf.data(), op_buf.data(), nk, mq);
-        gemm(nk, D, mq, ds_op, kBlock, q + (bh * L + i0) * D, D, dk_blk, D, true);
-        const scalar_t* p_op = as_operand<scalar_t>(s_buf.data(), op_buf.data(), nk, mq);
-        gemm(nk, D, mq, p_op, kBlock, go + (bh * L + i0) * D, D, dv_blk, D, true);
+        // dk^T += q^T dS and dv^T += dO^T P', on the transposed inputs and accumulators, so
+        // that the tiles are used as they are (no per-tile transposes).
+        const scalar_t* p_op = as_operand<scalar_t>(buf.s.data(), buf.op.data(), mq, nk);
+        gemm(D, nk, mq, got + bh * D * L + i0, L, p_op, kBlock, dvt_p + bh * D * L + j0, L, true);
+        const scalar_t* ds_op_k = as_operand<scalar_t>(buf.d.data(), buf.op.data(), mq, nk);
+        gemm(D, nk, mq, qt + bh * D * L + i0, L, ds_op_k, kBlock, dkt_p + bh * D * L + j0, L,
+             true);
       }
     }
-  });
+  };
+
+  if (per_plane) {
+    // One task per plane: each dS tile is computed once and feeds both sides.
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      QueryBlockBuffers buf;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
+          query_block(bh, i0, buf, /*key_side=*/true);
+        }
+      }
+    });
+    dk = dk_t.transpose(2, 3).contiguous();
+    dv = dv_t.transpose(2, 3).contiguous();
+  } else {
+    // Few planes for the threads: two passes over finer tasks, each owning the rows it writes.
+    // Pass A: one task per (plane, query block), over every key block.
+    at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
+      QueryBlockBuffers buf;
+      for (int64_t task = begin; task < end; ++task) {
+        query_block(task / nblocks, (task % nblocks) * kBlock, buf, /*key_side=*/false);
+      }
+    });
+    // Pass B: one task per (plane, key block), over every query block.
+    at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s_buf(kBlock * kBlock), d_buf(kBlock * kBlock);
+      std::vector<scalar_t> op_buf(kConvert ? kBlock * kBlock : 0);
+      std::vector<uint32_t> key_lo(kBlock), key_hi(kBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / nblocks;
+        const int64_t b = bh / H;
+        const int64_t j0 = (task % nblocks) * kBlock;
+        const int64_t nk = std::min(kBlock, L - j0);
+        const scalar_t* k_blk = k + (bh * L + j0) * D;
+        const scalar_t* v_blk = v + (bh * L + j0) * D;
+        acc_t* dk_blk = dk_p + (bh * L + j0) * D;
+        acc_t* dv_blk = dv_p + (bh * L + j0) * D;
+        acc_t* dkwq_blk = dkwq_p != nullptr ? dkwq_p + (bh * L + j0) * K : nullptr;
+        const uint64_t plane_key =
+            pb.dropout.on ? dropout_plane_key(pb.seed, pb.offset, b, bh % H) : 0;
+        BwdTile<acc_t> tile;
+        tile.s = s_buf.data();
+        tile.dp = d_buf.data();
+        tile.rows = nk;
+        tile.key_lo = key_lo.data();
+        tile.key_hi = key_hi.data();
+        tile.dropout = pb.dropout;
+        tile.row_skip = mask != nullptr ? mask + b * L + j0 : nullptr;
+        tile.j0 = static_cast<uint32_t>(j0);
+        tile.terms.ldx = L;
+        tile.terms.K = K;
+        tile.terms.row_tab = kwq != nullptr ? kwq + (bh * L + j0) * K : nullptr;
+        for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
+          const int64_t mq = std::min(kBlock, L - i0);
+          gemm(nk, mq, D, k_blk, D, qt + bh * D * L + i0, L, s_buf.data(), kBlock, false);
+          gemm(nk, mq, D, v_blk, D, got + bh * D * L + i0, L, d_buf.data(), kBlock, false);
+          if (pb.dropout.on) {
+            row_keys(plane_key, i0, mq, key_lo.data(), key_hi.data());
+          }
+          tile.cols = mq;
+          tile.lse = lse_p + bh * L + i0;
+          tile.dr = dr_p + bh * L + i0;
+          tile.dowv = dowv_p != nullptr ? dowv_p + (bh * L + i0) * K : nullptr;
+          tile.terms.X = ids + j0 * L + i0;
+          tile.terms.Y = ids_t != nullptr ? ids_t + j0 * L + i0 : nullptr;
+          tile.terms.col_tab = qwk != nullptr ? qwk + (bh * L + i0) * K : nullptr;
+          bwd_tile_key_major(tile);
+          if (dkwq_blk != nullptr) {
+            scatter_rows(dkwq_blk, K, d_buf.data(), ids + j0 * L + i0, L, nk, mq);
+          }
+          const scalar_t* ds_op = as_operand<scalar_t>(d_buf.data(), op_buf.data(), nk, mq);
+          gemm(nk, D, mq, ds_op, kBlock, q + (bh * L + i0) * D, D, dk_blk, D, true);
+          const scalar_t* p_op = as_operand<scalar_t>(s_buf.data(), op_buf.data(), nk, mq);
+          gemm(nk, D, mq, p_op, kBlock, go + (bh * L + i0) * D, D, dv_blk, D, true);
+        }
+      }
+    });
+  }
 
   at::Tensor dwq, dwk, dwv;
   const auto empty_grad = [&]() { return at::empty({0}, q_in.options()); };
