@@ -188,6 +188,62 @@ C10_ALWAYS_INLINE void gather_add(acc_t* __restrict s, const acc_t* __restrict a
   }
 }
 
+// Row reductions. A `#pragma omp simd reduction` loop ends in a serial scalar sum of the vector
+// lanes (from the stack); the AVX-512 versions reduce the lanes with a shuffle tree.
+#ifdef IRPE_AVX512_GATHER
+__attribute__((target("avx512f"))) float row_max_avx512(const float* s, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < n; c += 16) {
+    const auto k = static_cast<__mmask16>(n - c >= 16 ? 0xFFFFU : (1U << (n - c)) - 1U);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + c));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+__attribute__((target("avx512f"))) float row_sum_avx512(const float* s, int64_t n) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const auto k = static_cast<__mmask16>(n - c >= 16 ? 0xFFFFU : (1U << (n - c)) - 1U);
+    sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(k, s + c));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t row_max(const acc_t* __restrict s, int64_t n) {
+#ifdef IRPE_AVX512_GATHER
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHaveAvx512) {
+      return row_max_avx512(s, n);
+    }
+  }
+#endif
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < n; ++c) {
+    mx = s[c] > mx ? s[c] : mx;
+  }
+  return mx;
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t row_sum(const acc_t* __restrict s, int64_t n) {
+#ifdef IRPE_AVX512_GATHER
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (kHaveAvx512) {
+      return row_sum_avx512(s, n);
+    }
+  }
+#endif
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    sum += s[c];
+  }
+  return sum;
+}
+
 template <typename acc_t>
 C10_ALWAYS_INLINE void add_terms_row(acc_t* __restrict s, int64_t r, int64_t cols,
                                      const Terms<acc_t>& t) {
@@ -236,27 +292,19 @@ C10_ALWAYS_INLINE void fwd_tile_body(const FwdTile<acc_t>& t) {
         s[c] += bias[c];
       }
     }
-    acc_t mx = ninf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < cols; ++c) {
-      mx = s[c] > mx ? s[c] : mx;
-    }
-    const acc_t m_new = std::max(t.m[r], mx);
+    const acc_t m_new = std::max(t.m[r], row_max(s, cols));
     if (m_new == ninf) {  // every key so far padded
       t.alpha[r] = acc_t(1);
       std::fill(s, s + cols, acc_t(0));
       continue;
     }
     const acc_t alpha = exp_acc(t.m[r] - m_new);
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-      const acc_t e = exp_acc(s[c] - m_new);
-      s[c] = e;
-      sum += e;
+      s[c] = exp_acc(s[c] - m_new);
     }
     t.alpha[r] = alpha;
-    t.l[r] = t.l[r] * alpha + sum;
+    t.l[r] = t.l[r] * alpha + row_sum(s, cols);
     t.m[r] = m_new;
     if (t.dropout.on) {
       const uint32_t lo = t.key_lo[r];
@@ -508,7 +556,7 @@ struct Problem {
   double scale = 1.0;  // s = D**-0.5
   at::ScalarType acc = at::kFloat;
   at::Tensor q, k, v;         // (B, H, L, D) contiguous, input dtype
-  at::Tensor ids, ids_t;      // (L, L) int32 contiguous (ids_t only with a table)
+  at::Tensor ids;             // (L, L) int32 contiguous
   at::Tensor qwk, kwq;        // (B, H, L, K) acc: q @ Wk, s k @ Wq (undefined without table)
   at::Tensor wq, wk, wv;      // tables in acc dtype (undefined when absent)
   at::Tensor mask;            // (B, L) bool contiguous or undefined
@@ -536,7 +584,6 @@ Problem prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const 
   pb.ids = ids.contiguous();
   if (pb.K > 0) {
     check_index_range(op, pb.ids, pb.K);
-    pb.ids_t = pb.ids.t().contiguous();
   }
   if (wq.has_value()) {
     pb.wq = wq->to(pb.acc).contiguous();
@@ -558,6 +605,13 @@ Problem prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const 
   pb.seed = seed;
   pb.offset = offset;
   return pb;
+}
+
+// ids^T, contiguous, where the tiles read it: for the query-side term of query-major tiles, and
+// for every term of key-major ones.
+at::Tensor transposed_ids(const Problem& pb, bool key_major_tiles) {
+  const bool needed = pb.wq.defined() || (key_major_tiles && pb.K > 0);
+  return needed ? pb.ids.t().contiguous() : at::Tensor();
 }
 
 template <typename T>
@@ -601,7 +655,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Ten
   const scalar_t* v = pb.v.const_data_ptr<scalar_t>();
   const scalar_t* kt = k_t.const_data_ptr<scalar_t>();
   const int32_t* ids = pb.ids.const_data_ptr<int32_t>();
-  const int32_t* ids_t = ptr_or_null<int32_t>(pb.ids_t);
+  const at::Tensor ids_t_tensor = transposed_ids(pb, /*key_major_tiles=*/false);
+  const int32_t* ids_t = ptr_or_null<int32_t>(ids_t_tensor);
   const acc_t* qwk = ptr_or_null<acc_t>(pb.qwk);
   const acc_t* kwq = ptr_or_null<acc_t>(pb.kwq);
   const bool* mask = ptr_or_null<bool>(pb.mask);
@@ -773,7 +828,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const scalar_t* vt = v_t.const_data_ptr<scalar_t>();
   const scalar_t* got = dout_t.const_data_ptr<scalar_t>();
   const int32_t* ids = pb.ids.const_data_ptr<int32_t>();
-  const int32_t* ids_t = ptr_or_null<int32_t>(pb.ids_t);
+  const at::Tensor ids_t_tensor = transposed_ids(pb, /*key_major_tiles=*/!per_plane);
+  const int32_t* ids_t = ptr_or_null<int32_t>(ids_t_tensor);
   const acc_t* qwk = ptr_or_null<acc_t>(pb.qwk);
   const acc_t* kwq = ptr_or_null<acc_t>(pb.kwq);
   const acc_t* dowv_p = ptr_or_null<acc_t>(dowv);
