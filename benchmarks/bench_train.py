@@ -14,10 +14,14 @@ Modes: ``fp32`` (the default options), ``bf16`` (``--amp bf16``), ``bf16+fused``
 ``fp32 bf16``; ``--compile`` adds ``bf16+compile``). ``--src PATH`` (repeatable) runs another
 checkout of the repository, e.g. a worktree of the commit before the change, through
 ``PYTHONPATH``; modes its parser lacks are skipped. The compiled ``irpe_ops`` extension is
-the installed one for every source.
+the installed one for every source, unless ``--python PY`` (repeatable, one per ``--src``, in
+the same order) runs a source with another interpreter: a virtual environment with that
+checkout's irpe-ops built into it, so that the before checkout also runs its own operators.
 
-    mkdir /tmp/before && git archive fb2f8a2 | tar -x -C /tmp/before
+    mkdir /tmp/before && git archive e3e095f | tar -x -C /tmp/before
     python benchmarks/bench_train.py --src /tmp/before --src . [--compile] [--iters N]
+    python benchmarks/bench_train.py --src /tmp/before --python /tmp/venv-before/bin/python \
+        --src . --python .venv/bin/python
 
 Defaults take about 5 minutes per source on 2 cores (R50 at 800 px is several seconds per
 image in float32). Take figures on a quiet machine: the load average is printed.
@@ -88,20 +92,22 @@ def environment(src: Path) -> dict[str, str]:
     return env
 
 
-def supported(src: Path, mode: str) -> bool:
+def supported(src: Path, python: str, mode: str) -> bool:
     """Whether ``src``'s ``detr-irpe-train`` has every flag of ``mode`` (``--help`` is fast)."""
     flags = [flag for flag in MODES[mode] if flag.startswith("--")]
     help_text = subprocess.run(
-        [sys.executable, "-m", "detr_irpe.cli.train", "--help"],
+        [python, "-m", "detr_irpe.cli.train", "--help"],
         env=environment(src), capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return all(flag in help_text.split() for flag in flags)
 
 
-def train_argv(data: Path, out: Path, options: argparse.Namespace, mode: str) -> list[str]:
+def train_argv(
+    python: str, data: Path, out: Path, options: argparse.Namespace, mode: str
+) -> list[str]:
     side = str(options.side)
     return [
-        sys.executable, "-m", "detr_irpe.cli.train",
+        python, "-m", "detr_irpe.cli.train",
         "--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--backbone_weights", "none",
         "--coco_path", str(data), "--output_dir", str(out), "--device", "cpu",
         "--epochs", "2", "--lr_drop", "100", "--eval_every", "100",
@@ -112,11 +118,13 @@ def train_argv(data: Path, out: Path, options: argparse.Namespace, mode: str) ->
     ]  # fmt: skip
 
 
-def run_one(src: Path, data: Path, options: argparse.Namespace, mode: str) -> dict[str, float]:
+def run_one(
+    src: Path, python: str, data: Path, options: argparse.Namespace, mode: str
+) -> dict[str, float]:
     """Train once; ``{'s_per_iter', 'images_per_s', 'warmup_s'}`` of the run."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
         result = subprocess.run(
-            train_argv(data, Path(out), options, mode),
+            train_argv(python, data, Path(out), options, mode),
             env=environment(src), capture_output=True, text=True,
         )  # fmt: skip
         if result.returncode != 0:
@@ -145,6 +153,12 @@ def main() -> None:
         metavar="PATH",
         help="a checkout of the repository to run (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        metavar="PY",
+        help="the interpreter of each --src, in order (default: this one)",
+    )
     parser.add_argument("--iters", type=int, default=3, help="measured iterations (and warm-up)")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument(
@@ -160,6 +174,9 @@ def main() -> None:
     if min(options.iters, options.batch_size) < 1 or options.side < 32:
         parser.error("--iters and --batch_size must be at least 1, --side at least 32")
     sources = [path.resolve() for path in options.src or [REPO]]
+    pythons = options.python or [sys.executable] * len(sources)
+    if len(pythons) != len(sources):
+        parser.error(f"--python given {len(pythons)} times for {len(sources)} --src")
     modes = list(dict.fromkeys(options.modes + (["bf16+compile"] if options.compile else [])))
 
     print(f"CPU: {cpu_description()}")
@@ -172,12 +189,13 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_data_") as tmp:
         data = make_dataset(Path(tmp), options)
-        for src in sources:
+        for src, python in zip(sources, pythons, strict=True):
             for mode in modes:
-                if not supported(src, mode):
+                if not supported(src, python, mode):
                     print(f"{src}: {mode} skipped (its detr-irpe-train lacks the flags)")
                     continue
-                row = {"src": str(src), "mode": mode, **run_one(src, data, options, mode)}
+                row = {"src": str(src), "mode": mode, "python": python,
+                       **run_one(src, python, data, options, mode)}  # fmt: skip
                 row["load"] = os.getloadavg()[0]
                 results.append(row)
                 print(f"{src}  {mode:>12}: {row['images_per_s']:.3f} images/s "

@@ -17,8 +17,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detr_irpe.models.frozen_batch_norm import FrozenBatchNorm2d
 from detr_irpe.models.position_encoding import build_position_encoding
 from detr_irpe.nested_tensor import NestedTensor
 
