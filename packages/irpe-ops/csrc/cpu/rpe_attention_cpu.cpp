@@ -144,14 +144,22 @@ struct Terms {
 // emulates these gathers with scalar loads and inserts even in the AVX-512 clones; explicit
 // AVX-512 gathers (chosen at run time) are several times faster.
 #ifdef IRPE_AVX512_GATHER
+// The first min(n, 16) lanes of a vector.
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFU : (1U << n) - 1U);
+}
+
+// Lane l of the result is l * stride: the offsets of 16 consecutive rows of a row-major table.
+__attribute__((target("avx512f"))) inline __m512i lane_offsets(int32_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(stride));
+}
+
 __attribute__((target("avx512f"))) void gather_add_avx512(float* s, const float* a,
                                                           const int32_t* x, int64_t n,
                                                           int32_t stride) {
-  const __m512i lane = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(stride));
   const __m512i step = _mm512_set1_epi32(16 * stride);
-  __m512i base = lane;
+  __m512i base = lane_offsets(stride);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     const __m512i idx = _mm512_add_epi32(_mm512_loadu_si512(x + c), base);
@@ -160,7 +168,7 @@ __attribute__((target("avx512f"))) void gather_add_avx512(float* s, const float*
     base = _mm512_add_epi32(base, step);
   }
   if (c < n) {
-    const auto m = static_cast<__mmask16>((1U << (n - c)) - 1U);
+    const __mmask16 m = first_lanes(n - c);
     const __m512i idx = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, x + c), base);
     const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, a, 4);
     _mm512_mask_storeu_ps(s + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + c), g));
@@ -194,7 +202,7 @@ C10_ALWAYS_INLINE void gather_add(acc_t* __restrict s, const acc_t* __restrict a
 __attribute__((target("avx512f"))) float row_max_avx512(const float* s, int64_t n) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < n; c += 16) {
-    const auto k = static_cast<__mmask16>(n - c >= 16 ? 0xFFFFU : (1U << (n - c)) - 1U);
+    const __mmask16 k = first_lanes(n - c);
     m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + c));
   }
   return _mm512_reduce_max_ps(m);
@@ -203,7 +211,7 @@ __attribute__((target("avx512f"))) float row_max_avx512(const float* s, int64_t 
 __attribute__((target("avx512f"))) float row_sum_avx512(const float* s, int64_t n) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; c += 16) {
-    const auto k = static_cast<__mmask16>(n - c >= 16 ? 0xFFFFU : (1U << (n - c)) - 1U);
+    const __mmask16 k = first_lanes(n - c);
     sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(k, s + c));
   }
   return _mm512_reduce_add_ps(sum);
@@ -484,15 +492,14 @@ __attribute__((target("avx512f"))) void scatter_cols_avx512(float* dst, int32_t 
                                                             const float* src, const int32_t* Y,
                                                             int64_t ldy, int64_t rows,
                                                             int64_t cols) {
-  const __m512i lane = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(K));
+  const __m512i lane = lane_offsets(K);
   const __m512i step = _mm512_set1_epi32(16 * K);
   for (int64_t r = 0; r < rows; ++r) {
     const float* v = src + r * kBlock;
     const int32_t* y = Y + r * ldy;
     __m512i base = lane;
     for (int64_t c = 0; c < cols; c += 16) {
-      const auto m = static_cast<__mmask16>(cols - c >= 16 ? 0xFFFFU : (1U << (cols - c)) - 1U);
+      const __mmask16 m = first_lanes(cols - c);
       const __m512i idx = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, y + c), base);
       const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, dst, 4);
       const __m512 sum = _mm512_add_ps(old, _mm512_maskz_loadu_ps(m, v + c));
@@ -920,11 +927,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         // dk^T += q^T dS and dv^T += dO^T P', on the transposed inputs and accumulators, so
         // that the tiles are used as they are (no per-tile transposes).
+        gemm(D, nk, mq, qt + bh * D * L + i0, L, ds_op, kBlock, dkt_p + bh * D * L + j0, L, true);
         const scalar_t* p_op = as_operand<scalar_t>(buf.s.data(), buf.op.data(), mq, nk);
         gemm(D, nk, mq, got + bh * D * L + i0, L, p_op, kBlock, dvt_p + bh * D * L + j0, L, true);
-        const scalar_t* ds_op_k = as_operand<scalar_t>(buf.d.data(), buf.op.data(), mq, nk);
-        gemm(D, nk, mq, qt + bh * D * L + i0, L, ds_op_k, kBlock, dkt_p + bh * D * L + j0, L,
-             true);
       }
     }
   };
